@@ -1,0 +1,3 @@
+from zoedge.cli import app
+
+app(prog_name="zoedge")

@@ -1,0 +1,120 @@
+"""The `zoedge` command line. Heavy libraries are imported inside each command, so the device commands
+never load torch and `zoedge --help` is instant. Every ZoedgeError becomes one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from zoedge.errors import ZoedgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export a model to an ONNX bundle, fine-tune it on-device with forward passes only, sync patches.")
+
+
+def fail(msg: str, code: int = 2) -> None:
+    print(f"zoedge: error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ZoedgeError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+    return wrapper
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _words(value: Optional[str]) -> Optional[list[str]]:
+    """Label words keep their leading spaces (" great"); accept optional surrounding quotes."""
+    if value is None:
+        return None
+    words = [w.strip('"').strip("'") if w.strip().startswith(('"', "'")) else w for w in value.split(",")]
+    return [w for w in words if w != ""]
+
+
+@app.command()
+@one_line_errors
+def export(
+    model: str = typer.Argument(..., help="minilm | smollm2-135m | tiny-bert | tiny-llama | a HF model dir | a .gguf file"),
+    out: Path = typer.Option(..., "--out", help="Bundle directory to write"),
+    task: str = typer.Option("classify", help="classify | lm"),
+    labels: str = typer.Option("negative,positive", help="Comma-separated label names"),
+    label_words: Optional[str] = typer.Option(None, help='Decoder label words, e.g. " terrible"," great"'),
+    prompt: Optional[str] = typer.Option(None, help="Decoder prompt template containing {sentence}"),
+    trainable: str = typer.Option("lora,head", help="Comma-separated subset of lora, head, bias, full"),
+    lora_rank: int = typer.Option(8, help="LoRA rank"),
+    lora_alpha: float = typer.Option(16.0, help="LoRA alpha"),
+    lora_targets: str = typer.Option("q,v", help="LoRA targets: q,k,v,o,up,down,gate or module names"),
+    quant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int8-static | int4 (default: by target)"),
+    calibration: Optional[Path] = typer.Option(None, help="Text file (TSV/CSV/JSONL) for int8-static calibration"),
+    target: str = typer.Option("cpu", help="cpu | pi | jetson | phone"),
+    max_length: int = typer.Option(64, help="Maximum tokens per example"),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory"),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
+) -> None:
+    """Export a model to a bundle: ONNX graph with trainable tensors as inputs, manifest, tokenizer."""
+    from zoedge.export.bundle import ExportOptions, export_bundle, validate
+
+    opts = ExportOptions(model=model, out=out, task=task, labels=_csv(labels) or [], label_words=_words(label_words),
+                         prompt=prompt, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                         lora_targets=_csv(lora_targets) or [], quant=quant, calibration=calibration, target=target,
+                         max_length=max_length, force=force)
+    validate(opts)
+    log = (lambda m: print(m, file=sys.stderr)) if json_out else print
+    m = export_bundle(opts, log=log)
+    size = sum(p.stat().st_size for p in Path(out).iterdir())
+    summary = {"bundle": str(out), "model": m.model_id, "quantization": m.quantization, "trainables": len(m.trainables),
+               "trainable_values": m.num_trainable, "bytes": size}
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out}: {m.model_id} {m.quantization}, {len(m.trainables)} trainable tensors "
+              f"({m.num_trainable:,} values), {size / 1e6:.1f} MB")
+
+
+@app.command()
+@one_line_errors
+def verify(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    data: Optional[Path] = typer.Option(None, help="Sentences to compare on (default: built-in sample)"),
+    n: int = typer.Option(32, help="Number of sentences"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Compare the bundle in onnxruntime with the source model in torch (random non-zero trainables)."""
+    from zoedge.export.verify import verify_bundle
+
+    r = verify_bundle(bundle, data=data, n=n)
+    if json_out:
+        print(json.dumps(r))
+    else:
+        print(f"{bundle}: max |onnx - torch| = {r['max_abs_diff']:.3g}, prediction agreement "
+              f"{r['prediction_agreement'] * 100:.1f}% on {r['n']} inputs ({r['quantization']})")
+
+
+@app.command()
+@one_line_errors
+def inspect(bundle: Path = typer.Argument(..., help="Bundle directory")) -> None:
+    """Print a human summary of a bundle's manifest."""
+    from zoedge.runtime.inspect import describe
+
+    print(describe(bundle))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()

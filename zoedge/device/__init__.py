@@ -1,0 +1,1 @@
+"""Device side: patch client and offline outbox."""

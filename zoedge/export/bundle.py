@@ -1,0 +1,235 @@
+"""`zoedge export`: source model -> bundle directory.
+
+Every option is validated before anything is loaded or written; the bundle is built in a temporary
+sibling directory and moved into place only when complete, so a failed export never leaves a partial
+bundle nor touches an existing one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import zoedge
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import (
+    MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Manifest, sha256_file,
+)
+from zoedge.runtime.tensors import save_tensors, tensor_digest
+
+DEFAULT_LABELS = ["negative", "positive"]
+DEFAULT_LABEL_WORDS = [" terrible", " great"]
+# Per-target defaults: quantization and execution-provider plan.
+TARGET_QUANT = {"cpu": "fp32", "pi": "int8", "phone": "int8", "jetson": "fp16"}
+CALIBRATION_SAMPLE = 128
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    out: Path
+    task: str = "classify"
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    label_words: list[str] | None = None
+    prompt: str | None = None
+    trainable: str = "lora,head"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    quant: str | None = None
+    calibration: Path | None = None
+    target: str = "cpu"
+    max_length: int = 64
+    force: bool = False
+    seed: int = 0
+
+
+def providers_for(target: str, out: Path) -> list[dict]:
+    if target == "jetson":
+        cache = "trt_cache"
+        return [
+            {"name": "TensorrtExecutionProvider",
+             "options": {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                         "trt_timing_cache_enable": True}},
+            {"name": "CUDAExecutionProvider", "options": {}},
+            {"name": "CPUExecutionProvider", "options": {}},
+        ]
+    return [{"name": "CPUExecutionProvider", "options": {}}]
+
+
+def validate(opts: ExportOptions) -> None:
+    """Checks that need no model loaded; raise ZoedgeError with one line."""
+    from zoedge.export.trainables import parse_kinds
+
+    if opts.task not in ("classify", "lm"):
+        raise ZoedgeError(f"bad --task {opts.task!r}: choose classify or lm")
+    if opts.target not in TARGETS:
+        raise ZoedgeError(f"bad --target {opts.target!r}: choose one of {', '.join(TARGETS)}")
+    if opts.quant is not None and opts.quant not in QUANT_MODES:
+        raise ZoedgeError(f"bad --quant {opts.quant!r}: choose one of {', '.join(QUANT_MODES)}")
+    kinds = parse_kinds(opts.trainable)
+    if opts.task == "lm" and "head" in kinds:
+        raise ZoedgeError("bad --trainable: an lm task has no head; use lora, bias or full")
+    if opts.task == "classify" and len(opts.labels) < 2:
+        raise ZoedgeError("bad --labels: give at least two labels")
+    if opts.label_words is not None and len(opts.label_words) != len(opts.labels):
+        raise ZoedgeError(f"bad --label-words: {len(opts.label_words)} words for {len(opts.labels)} labels")
+    if opts.prompt is not None and "{sentence}" not in opts.prompt:
+        raise ZoedgeError("bad --prompt: the template must contain {sentence}")
+    if not 2 <= opts.max_length <= 4096:
+        raise ZoedgeError(f"bad --max-length {opts.max_length}: must be between 2 and 4096")
+    if opts.calibration is not None and not Path(opts.calibration).is_file():
+        raise ZoedgeError(f"--calibration {opts.calibration}: no such file")
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ZoedgeError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise ZoedgeError(f"--out {out}: directory is not empty (use --force to replace it)")
+
+
+def export_bundle(opts: ExportOptions, log=print) -> Manifest:
+    validate(opts)
+    import torch
+
+    from zoedge.export.assemble import build_selection
+    from zoedge.export.onnx_graph import TrainablesAsInputs, export_onnx
+    from zoedge.export.quantize import quantize
+    from zoedge.export.trainables import parse_kinds
+    from zoedge.models.registry import load_source
+
+    kinds = parse_kinds(opts.trainable)
+    log(f"loading {opts.model} ...")
+    src = load_source(opts.model)
+    quant = opts.quant or TARGET_QUANT[opts.target]
+    if quant == "int8" and src.defaults.get("quant_for_int8") and opts.quant is None:
+        quant = src.defaults["quant_for_int8"]  # per-model override where dynamic int8 loses accuracy
+    if quant == "int4" and src.kind != "decoder":
+        raise ZoedgeError(f"--quant int4 (MatMulNBits) is for decoder models; {opts.model} is an {src.kind}")
+    if opts.task == "lm" and src.kind != "decoder":
+        raise ZoedgeError(f"--task lm needs a decoder model; {opts.model} is an {src.kind}")
+
+    max_seq = int(getattr(src.model.config, "max_position_embeddings", 4096) or 4096)
+    if opts.max_length > max_seq:
+        raise ZoedgeError(f"bad --max-length {opts.max_length}: {opts.model} supports at most {max_seq} tokens")
+    torch.manual_seed(opts.seed)
+    label_words, label_ids, prompt = [], [], ""
+    truncation_side = "right"
+    if src.kind == "decoder" and opts.task == "classify":
+        label_words = opts.label_words or src.defaults.get("label_words") or DEFAULT_LABEL_WORDS
+        prompt = opts.prompt or src.defaults.get("prompt") or "{sentence} It was"
+        for w in label_words:
+            ids = src.tokenizer(w, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ZoedgeError(f"bad --label-words: {w!r} tokenises to nothing")
+            label_ids.append(int(ids[0]))
+        if len(set(label_ids)) != len(label_ids):
+            raise ZoedgeError("bad --label-words: two label words start with the same token")
+        truncation_side = "left"  # keep the prompt's end, where the label word is predicted
+    sel = build_selection(src, opts.task, len(opts.labels), label_ids, kinds, opts.lora_rank, opts.lora_alpha,
+                          opts.lora_targets)
+
+    initial = {t.name: dict(sel.module.named_parameters())[sel.param_names[t.name]].detach().float().clone()
+               for t in sel.trainables}
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        log(f"exporting ONNX ({len(sel.trainables)} trainable tensors, "
+            f"{sum(int(np.prod(t.shape)) for t in sel.trainables):,} values) ...")
+        wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
+        fp32_path = tmp / "model.fp32.onnx"
+        inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels), max_seq)
+        details: dict = {}
+        if quant == "fp32":
+            fp32_path.rename(tmp / MODEL_FILE)
+        else:
+            log(f"quantizing ({quant}) ...")
+            feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
+            details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds)
+            if feeds is not None:
+                details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"
+            fp32_path.unlink()
+        arrays = {k: v.numpy() for k, v in initial.items()}
+        save_tensors(arrays, tmp / TRAINABLE_FILE)
+        _save_tokenizer(src.tokenizer, tmp / TOKENIZER_FILE)
+        manifest = Manifest(
+            model_id=src.model_id, architecture=src.architecture, kind=src.kind, task=opts.task,
+            max_length=opts.max_length, inputs=inputs, outputs=outputs, trainables=sel.trainables,
+            trainable_kinds=kinds, base_sha256=src.base_sha256, initial_sha256=tensor_digest(arrays),
+            model_source=src.source, num_parameters=sum(p.numel() for p in src.model.parameters()),
+            labels=list(opts.labels) if opts.task == "classify" else [],
+            label_words=list(label_words), label_token_ids=label_ids, prompt_template=prompt,
+            truncation_side=truncation_side, lora=sel.lora, quantization=quant, quantization_details=details,
+            target=opts.target, providers=providers_for(opts.target, out),
+            zoedge_version=zoedge.__version__, bundle_id=uuid.uuid4().hex,
+        )
+        manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest.save(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise ZoedgeError("the model's tokenizer has no fast (tokenizers) backend; cannot write tokenizer.json")
+    backend.save(str(path))
+
+
+def _calibration_feeds(opts: ExportOptions, src, prompt: str, truncation_side: str, initial) -> list[dict]:
+    from zoedge.runtime.data import read_examples
+
+    if opts.calibration is not None:
+        texts = read_examples(opts.calibration, need_labels=False).texts[:CALIBRATION_SAMPLE]
+    else:
+        texts = BUILTIN_CALIBRATION
+    tok = src.tokenizer
+    tok.truncation_side = truncation_side
+    trainables = {k: v.numpy() for k, v in initial.items()}
+    feeds = []
+    for i in range(0, len(texts), 16):
+        batch = [prompt.replace("{sentence}", t) if prompt else t for t in texts[i:i + 16]]
+        enc = tok(batch, padding=True, truncation=True, max_length=opts.max_length, return_tensors="np")
+        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
+                      "attention_mask": enc["attention_mask"].astype(np.int64), **trainables})
+    return feeds
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished bundle into place; an existing (forced) directory is removed only after that succeeds."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+# A few neutral sentences for int8-static calibration when the user gives no --calibration file.
+BUILTIN_CALIBRATION = [
+    "the film is a charming and often affecting journey .",
+    "a dull , lifeless plot that never finds its footing .",
+    "the weather today is mild with a light breeze from the west .",
+    "please restart the device after the update has finished installing .",
+    "an unflinchingly bleak and desperate story , told with great care .",
+    "the battery lasts two days and the screen is bright enough outdoors .",
+    "i would not recommend this restaurant to anyone who values their time .",
+    "the committee will meet on thursday to review the budget proposal .",
+    "it 's a funny , touching and smartly written comedy .",
+    "the instructions were confusing and the parts did not fit together .",
+    "our train was delayed by forty minutes because of a signal failure .",
+    "one of the most beautiful things i have seen on screen in years .",
+    "the soup was cold , the bread was stale and the waiter was rude .",
+    "researchers measured the temperature of the lake every hour for a month .",
+    "a masterpiece of quiet observation and precise , unsentimental acting .",
+    "nothing in this sequel justifies its two and a half hour running time .",
+]

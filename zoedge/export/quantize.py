@@ -1,0 +1,97 @@
+"""Quantize the frozen base of an exported graph; the trainable path stays fp32.
+
+Each mode is a file-to-file step (src model.onnx -> dst) built on onnxruntime.quantization. Nodes that
+read a trainable graph input (directly or through weight-only ops such as Transpose) are excluded,
+so LoRA / head / bias arithmetic is never quantized and its calibration never sees a zero LoRA B.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+
+from zoedge.errors import ZoedgeError
+
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
+def trainable_path_nodes(model: onnx.ModelProto, trainable_names: Iterable[str]) -> list[str]:
+    """Names of nodes that consume a tensor derived only from trainable inputs and constants."""
+    graph = model.graph
+    consts = {i.name for i in graph.initializer}
+    derived = set(trainable_names)
+    for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
+        if node.op_type == "Constant":
+            consts.update(node.output)
+            continue
+        ins = [i for i in node.input if i]
+        if ins and any(i in derived for i in ins) and all(i in derived or i in consts for i in ins):
+            derived.update(node.output)
+    return [n.name for n in graph.node if any(i in derived for i in n.input)]
+
+
+def _name_nodes(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    onnx.save(model, str(path))
+    return model
+
+
+def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
+             calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    model = _name_nodes(src)
+    excluded = trainable_path_nodes(model, trainable_names)
+    details: dict[str, Any] = {"excluded_trainable_path_nodes": len(excluded)}
+    if mode == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        fp16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
+        onnx.save(fp16, str(dst))
+        details.update(method="onnxruntime.transformers.float16", keep_io_types=True)
+    elif mode == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded)
+        details.update(method="quantize_dynamic", weight_type="QInt8", per_channel=True, op_types=QUANTIZED_OPS)
+    elif mode == "int8-static":
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        if not calibration_feeds:
+            raise ZoedgeError("int8-static needs calibration data")
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.it = iter(calibration_feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excluded,
+                        extra_options={"ActivationSymmetric": True})
+        details.update(method="quantize_static", format="QDQ", per_channel=True, activation_type="QInt8",
+                       weight_type="QInt8", calibration_batches=len(calibration_feeds), op_types=QUANTIZED_OPS)
+    elif mode == "int4":
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=excluded)
+        q.process()
+        q.model.save_model_to_file(str(dst), use_external_data_format=False)
+        details.update(method="MatMulNBits", bits=4, block_size=32, symmetric=True)
+    else:
+        raise ZoedgeError(f"unknown quantization {mode!r}")
+    qmodel = onnx.load(str(dst), load_external_data=False)
+    ops = [n.op_type for n in qmodel.graph.node]
+    details["quantized_ops"] = {op: ops.count(op) for op in sorted(set(ops)) if op in
+                                ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                                 "MatMulNBits", "Cast")}
+    return details

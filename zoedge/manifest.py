@@ -1,0 +1,203 @@
+"""The bundle manifest: the one contract between export, runtime, device and server.
+
+Standard library only, so every stage (and a device without torch) can read it. Written as
+`manifest.json` (indent 2, sorted keys); loading ignores unknown keys so newer bundles still load,
+and refuses an unknown schema version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoedge.errors import ZoedgeError
+
+SCHEMA_VERSION = 1
+
+# File names inside a bundle directory.
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+TRAINABLE_FILE = "trainable.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+TASKS = ("classify", "lm")
+KINDS = ("encoder", "decoder")
+TRAINABLE_KINDS = ("lora", "head", "bias", "full")
+ROLES = ("lora_A", "lora_B", "head", "bias", "norm", "weight")
+QUANT_MODES = ("fp32", "fp16", "int8", "int8-static", "int4")
+TARGETS = ("cpu", "pi", "jetson", "phone")
+
+# Graph input / output names the runtime relies on.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+OUTPUT_LOGITS = "logits"  # classify: (batch, num_labels)
+OUTPUT_NLL = "nll_sum"  # lm: (batch,) summed next-token negative log-likelihood
+OUTPUT_TOKENS = "n_tokens"  # lm: (batch,) number of predicted tokens
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: list[int | str]
+    dtype: str
+
+
+@dataclass
+class Trainable:
+    """One trainable tensor: a graph input of the ONNX model, initial value in trainable.safetensors."""
+
+    name: str  # graph input name == key in trainable.safetensors
+    shape: list[int]
+    role: str  # one of ROLES
+    peft_key: str  # key in a PEFT adapter_model.safetensors (same layout, no transpose)
+    module: str  # dotted module path inside the source model
+    dtype: str = "float32"
+
+
+@dataclass
+class LoraSpec:
+    rank: int
+    alpha: float
+    targets: list[str]  # as the user gave them (q, v, ...)
+    target_modules: list[str]  # the module names peft matched (query, value, q_proj, ...)
+
+
+@dataclass
+class Manifest:
+    model_id: str
+    architecture: str  # "bert" | "llama"
+    kind: str  # one of KINDS
+    task: str  # one of TASKS
+    max_length: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    trainables: list[Trainable]
+    trainable_kinds: list[str]
+    base_sha256: str  # of the source weights (file bytes, or canonical tensor bytes for random configs)
+    initial_sha256: str = ""  # of the initial trainable tensors (name, dtype, shape, bytes)
+    model_source: str = ""  # where the weights came from (package path, directory, gguf file)
+    num_parameters: int = 0
+    labels: list[str] = field(default_factory=list)
+    label_words: list[str] = field(default_factory=list)
+    label_token_ids: list[int] = field(default_factory=list)
+    prompt_template: str = ""  # "{sentence}" is replaced by the example text; empty for encoders
+    padding_side: str = "right"
+    truncation_side: str = "right"
+    lora: LoraSpec | None = None
+    quantization: str = "fp32"
+    quantization_details: dict[str, Any] = field(default_factory=dict)
+    target: str = "cpu"
+    providers: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "CPUExecutionProvider"}])
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    schema_version: int = SCHEMA_VERSION
+    zoedge_version: str = ""
+    bundle_id: str = ""
+
+    # ---- validation -------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ZoedgeError(f"manifest: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        if self.kind not in KINDS:
+            raise ZoedgeError(f"manifest: unknown model kind {self.kind!r}")
+        if self.quantization not in QUANT_MODES:
+            raise ZoedgeError(f"manifest: unknown quantization {self.quantization!r}")
+        if self.task == "classify" and len(self.labels) < 2:
+            raise ZoedgeError("manifest: a classify bundle needs at least two labels")
+        if self.kind == "decoder" and self.task == "classify" and len(self.label_token_ids) != len(self.labels):
+            raise ZoedgeError("manifest: a decoder classify bundle needs one label word per label")
+        names = [t.name for t in self.trainables]
+        if len(set(names)) != len(names):
+            raise ZoedgeError("manifest: duplicate trainable tensor names")
+        for t in self.trainables:
+            if t.role not in ROLES:
+                raise ZoedgeError(f"manifest: trainable {t.name!r} has unknown role {t.role!r}")
+            if not all(isinstance(d, int) and d > 0 for d in t.shape):
+                raise ZoedgeError(f"manifest: trainable {t.name!r} has a bad shape {t.shape!r}")
+
+    # ---- helpers ----------------------------------------------------------------------------
+    @property
+    def num_trainable(self) -> int:
+        n = 0
+        for t in self.trainables:
+            k = 1
+            for d in t.shape:
+                k *= d
+            n += k
+        return n
+
+    def trainable(self, name: str) -> Trainable:
+        for t in self.trainables:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Manifest":
+        if not isinstance(d, dict):
+            raise ZoedgeError("manifest: not a JSON object")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ZoedgeError(
+                f"manifest: unsupported schema version {version!r} (this zoedge reads version {SCHEMA_VERSION})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        try:
+            kw["inputs"] = [_build(TensorSpec, x) for x in kw.get("inputs", [])]
+            kw["outputs"] = [_build(TensorSpec, x) for x in kw.get("outputs", [])]
+            kw["trainables"] = [_build(Trainable, x) for x in kw.get("trainables", [])]
+            if kw.get("lora") is not None:
+                kw["lora"] = _build(LoraSpec, kw["lora"])
+            return cls(**kw)
+        except TypeError as e:
+            raise ZoedgeError(f"manifest: malformed ({e})") from None
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> "Manifest":
+        path = Path(bundle_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise ZoedgeError(f"{bundle_dir}: not a zoedge bundle (no {MANIFEST_FILE})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ZoedgeError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+    def save(self, bundle_dir: str | Path) -> None:
+        Path(bundle_dir, MANIFEST_FILE).write_text(self.to_json(), encoding="utf-8")
+
+
+def _build(kind: type, d: Any) -> Any:
+    if not isinstance(d, dict):
+        raise TypeError(f"{kind.__name__} entry is not an object")
+    known = {f.name for f in dataclasses.fields(kind)}
+    return kind(**{k: v for k, v in d.items() if k in known})
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists against its sha256; raise ZoedgeError on the first mismatch."""
+    for name, digest in manifest.files.items():
+        p = Path(bundle_dir) / name
+        if not p.is_file():
+            raise ZoedgeError(f"{bundle_dir}: missing bundle file {name}")
+        if sha256_file(p) != digest:
+            raise ZoedgeError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (corrupt or edited)")

@@ -1,0 +1,67 @@
+"""ONNX Runtime session for a bundle, created once, with the manifest's execution-provider plan.
+
+Providers the installed onnxruntime lacks are dropped with a visible warning, falling back to CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import MODEL_FILE, Manifest
+
+
+def provider_plan(manifest: Manifest, bundle_dir: Path, warn=None) -> tuple[list[str], list[dict]]:
+    available = set(ort.get_available_providers())
+    names, options = [], []
+    for p in manifest.providers or [{"name": "CPUExecutionProvider"}]:
+        name, opts = p["name"], dict(p.get("options") or {})
+        if name not in available:
+            (warn or _stderr)(f"zoedge: execution provider {name} is not available here; skipping it")
+            continue
+        if "trt_engine_cache_path" in opts:
+            opts["trt_engine_cache_path"] = str(bundle_dir / opts["trt_engine_cache_path"])
+        names.append(name)
+        options.append({k: str(v) if isinstance(v, bool) else v for k, v in opts.items()})
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+        options.append({})
+    return names, options
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0, warn=None) -> ort.InferenceSession:
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MODEL_FILE
+    if not path.is_file():
+        raise ZoedgeError(f"{bundle_dir}: missing {MODEL_FILE}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    names, options = provider_plan(manifest, bundle_dir, warn)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=options)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise ZoedgeError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") from None
+    graph_inputs = {i.name for i in session.get_inputs()}
+    missing = [t.name for t in manifest.trainables if t.name not in graph_inputs]
+    if missing:
+        raise ZoedgeError(f"{bundle_dir}: manifest trainable {missing[0]!r} is not an input of {MODEL_FILE}")
+    for i in session.get_inputs():
+        t = next((t for t in manifest.trainables if t.name == i.name), None)
+        if t is not None and list(i.shape) != list(t.shape):
+            raise ZoedgeError(f"{bundle_dir}: trainable {t.name!r} has shape {t.shape} in the manifest "
+                              f"but {list(i.shape)} in {MODEL_FILE}")
+    return session
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return session.run(None, feeds)

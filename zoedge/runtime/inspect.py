@@ -1,0 +1,37 @@
+"""A human-readable summary of a bundle (used by `zoedge inspect`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from zoedge.manifest import Manifest
+
+
+def describe(bundle_dir: str | Path) -> str:
+    m = Manifest.load(bundle_dir)
+    size = sum(p.stat().st_size for p in Path(bundle_dir).iterdir() if p.is_file())
+    roles = Counter(t.role for t in m.trainables)
+    lines = [
+        f"bundle      {bundle_dir}  ({size / 1e6:.1f} MB, id {m.bundle_id[:12]}, schema {m.schema_version})",
+        f"model       {m.model_id}  [{m.architecture} {m.kind}, {m.num_parameters:,} params]",
+        f"base sha256 {m.base_sha256[:16]}...",
+        f"task        {m.task}" + (f"  labels {m.labels}" if m.labels else ""),
+    ]
+    if m.prompt_template:
+        lines.append(f"prompt      {m.prompt_template!r} -> label words {m.label_words} (token ids {m.label_token_ids})")
+    lines += [
+        f"max length  {m.max_length} tokens ({m.padding_side} padding, {m.truncation_side} truncation)",
+        f"trainable   {', '.join(m.trainable_kinds)}: {len(m.trainables)} tensors, {m.num_trainable:,} values "
+        f"({', '.join(f'{k} x{v}' for k, v in sorted(roles.items()))})",
+    ]
+    if m.lora:
+        lines.append(f"lora        rank {m.lora.rank}, alpha {m.lora.alpha:g}, targets {m.lora.targets} -> {m.lora.target_modules}")
+    lines += [
+        f"quantized   {m.quantization}" + (f"  {m.quantization_details.get('method', '')}" if m.quantization_details else ""),
+        f"target      {m.target}; providers {' > '.join(p['name'] for p in m.providers)}",
+        f"inputs      {', '.join(f'{i.name}{i.shape}' for i in m.inputs)} + trainables",
+        f"outputs     {', '.join(f'{o.name}{o.shape}' for o in m.outputs)}",
+        "files       " + ", ".join(f"{k} ({v[:8]})" for k, v in m.files.items()),
+    ]
+    return "\n".join(lines)

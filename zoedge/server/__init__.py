@@ -1,0 +1,1 @@
+"""Patch server (FastAPI)."""
