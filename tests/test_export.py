@@ -58,7 +58,7 @@ def test_bundle_files_and_initial_state(tiny_bert_bundle):
         moved_tensors = {k: v.copy() for k, v in init.items()}
         for t in m.trainables:
             if t.role == role:
-                moved_tensors[t.name] += 1.0
+                moved_tensors[t.name] += np.random.default_rng(1).standard_normal(t.shape).astype(np.float32)
         moved = s.run(None, {"input_ids": ids, "attention_mask": mask, **moved_tensors})[0]
         assert np.abs(moved - base).max() > 1e-3, role
 
@@ -82,8 +82,8 @@ def test_trainable_names_are_peft_keys(tiny_bert_bundle):
 
 def test_decoder_bundle_outputs_only_label_logits(tiny_llama_bundle):
     m = Manifest.load(tiny_llama_bundle)
-    assert [o.name for o in m.outputs] == ["logits"]
-    assert m.outputs[0].shape == ["batch", 2]
+    assert [o.name for o in m.outputs] == ["logits", "features"]
+    assert m.outputs[0].shape == ["batch", 2] and m.outputs[1].shape == ["batch", 64]
     assert len(m.label_token_ids) == 2 and "{sentence}" in m.prompt_template
     b = Bundle.open(tiny_llama_bundle)
     s = create_session(tiny_llama_bundle, m)

@@ -8,7 +8,7 @@ HEAVY = ("torch", "transformers", "peft", "optimum", "onnx")
 
 def test_runtime_imports_no_heavy_libraries():
     code = (
-        "import sys, zoedge.runtime, zoedge.runtime.engine, zoedge.runtime.data, zoedge.manifest, zoedge.cli\n"
+        "import sys, zoedge.runtime, zoedge.runtime.engine, zoedge.runtime.data, zoedge.runtime.trainer, zoedge.runtime.evaluate, zoedge.runtime.patch, zoedge.manifest, zoedge.cli\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -116,5 +116,80 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle directory")) -> None
     print(describe(bundle))
 
 
+@app.command()
+@one_line_errors
+def train(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    data: Path = typer.Option(..., help="Training data: TSV/CSV/JSONL with text (and label) columns"),
+    out: Path = typer.Option(..., help="Patch directory to write (checkpoints live here while training)"),
+    eval: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled data, evaluated every --eval-every steps"),
+    steps: Optional[int] = typer.Option(None, help="ZO steps (default: by bundle kind)"),
+    batch_size: int = typer.Option(16, help="Examples per step"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: by bundle kind)"),
+    eps: Optional[float] = typer.Option(None, help="Perturbation scale epsilon (default: by bundle kind)"),
+    perturbations: int = typer.Option(1, help="q: perturbations averaged per step (n-SPSA)"),
+    batched: bool = typer.Option(False, "--batched", help="Evaluate all perturbations in one batched forward"),
+    optimizer: str = typer.Option("zo-sgd", help="zo-sgd | zo-momentum | zo-adam"),
+    objective: Optional[str] = typer.Option(None, help="ce | accuracy | f1 (classify), lm (lm bundles)"),
+    head_init: Optional[str] = typer.Option(None, help="lp (linear-probe fit of the head first) | none"),
+    weight_decay: float = typer.Option(0.0, help="Weight decay (not on biases / norms)"),
+    lr_schedule: str = typer.Option("constant", help="constant | linear | cosine"),
+    clip: float = typer.Option(0.0, help="Clip |projected gradient| to this value (0 = off)"),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: steps/10)"),
+    eval_limit: int = typer.Option(0, help="Use at most N eval examples (0 = all)"),
+    patience: int = typer.Option(0, help="Stop after N evals without improvement (0 = off)"),
+    keep: str = typer.Option("best", help="best (by --eval) | last: which tensors become the patch"),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 300MB: plans the batch size"),
+    checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps (0 = never)"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out"),
+    seed: int = typer.Option(0, help="Run seed (perturbation directions and minibatches)"),
+    plot: Optional[Path] = typer.Option(None, help="Write a training-curve PNG"),
+    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
+) -> None:
+    """Fine-tune a bundle's trainable tensors with zeroth-order steps (forward passes only) -> patch."""
+    from zoedge.runtime.progress import TrainProgress
+    from zoedge.runtime.trainer import TrainConfig
+    from zoedge.runtime.trainer import train as run_train
+
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, perturbations=perturbations, batched=batched,
+                      optimizer=optimizer, objective=objective, head_init=head_init, weight_decay=weight_decay,
+                      lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
+                      patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed)
+    with TrainProgress() as progress:
+        result = run_train(bundle, data, out, cfg, eval_path=eval, resume=resume, on_step=progress.update,
+                           log=progress.log)
+    if plot:
+        from zoedge.runtime.progress import plot_history
+
+        plot_history(result["history"], plot)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        start, end = result["eval_accuracy_start"], result["eval_accuracy"]
+        acc = f", eval accuracy {start:.4f} -> {end:.4f}" if start is not None and end is not None else ""
+        print(f"wrote {out}: {result['steps']} steps in {result['seconds']:.0f}s{acc}, peak RSS {result['peak_rss_mb']:.0f}MB")
+
+
+@app.command("eval")
+@one_line_errors
+def eval_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    data: Path = typer.Option(..., help="Labelled data (TSV/CSV/JSONL)"),
+    patch: Optional[Path] = typer.Option(None, help="Patch directory to apply"),
+    limit: int = typer.Option(0, help="Use at most N examples (0 = all)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Score a bundle, with or without a patch."""
+    from zoedge.runtime.evaluate import evaluate
+
+    r = evaluate(bundle, data, patch=patch, limit=limit)
+    if json_out:
+        print(json.dumps(r))
+    else:
+        what = "accuracy" if "accuracy" in r else "loss"
+        print(f"{what} {r[what]:.4f} on {r['n']} examples (peak RSS {r['peak_rss_mb']:.0f}MB)")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()

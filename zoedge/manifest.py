@@ -35,6 +35,7 @@ TARGETS = ("cpu", "pi", "jetson", "phone")
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 OUTPUT_LOGITS = "logits"  # classify: (batch, num_labels)
+OUTPUT_FEATURES = "features"  # classify: (batch, hidden) what the head reads (for a linear-probe head start)
 OUTPUT_NLL = "nll_sum"  # lm: (batch,) summed next-token negative log-likelihood
 OUTPUT_TOKENS = "n_tokens"  # lm: (batch,) number of predicted tokens
 

@@ -143,7 +143,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             f"{sum(int(np.prod(t.shape)) for t in sel.trainables):,} values) ...")
         wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
         fp32_path = tmp / "model.fp32.onnx"
-        inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels), max_seq)
+        inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels),
+                                      src.model.config.hidden_size, max_seq)
         details: dict = {}
         if quant == "fp32":
             fp32_path.rename(tmp / MODEL_FILE)

@@ -1,5 +1,8 @@
 """The torch modules that become the exported graph: a base model plus the task's head.
 
+Classifiers return (logits, features): features are what the head reads, so a device can fit the head
+in closed form (linear probe) from one forward pass per example.
+
 - EncoderClassifier: mean-pooled encoder states -> `classifier` (Linear) -> logits (batch, labels).
 - DecoderClassifier: the hidden state at the last real token (right padding) -> `label_head`, a Linear
   initialised from the LM head's rows of the label words -> label-word logits (batch, labels). The
@@ -24,11 +27,11 @@ class EncoderClassifier(nn.Module):
             self.classifier.weight.normal_(0.0, 0.02, generator=g)
             self.classifier.bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return self.classifier(pooled), pooled
 
 
 class DecoderClassifier(nn.Module):
@@ -40,10 +43,11 @@ class DecoderClassifier(nn.Module):
         with torch.no_grad():
             self.label_head.weight.copy_(rows)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(1) - 1
-        return self.label_head(h[torch.arange(h.shape[0]), last])
+        features = h[torch.arange(h.shape[0]), last]
+        return self.label_head(features), features
 
 
 class DecoderLM(nn.Module):

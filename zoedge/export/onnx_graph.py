@@ -17,7 +17,9 @@ from torch import nn
 from torch.func import functional_call
 
 from zoedge.errors import ZoedgeError
-from zoedge.manifest import ATTENTION_MASK, INPUT_IDS, OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, TensorSpec
+from zoedge.manifest import (
+    ATTENTION_MASK, INPUT_IDS, OUTPUT_FEATURES, OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, TensorSpec,
+)
 
 OPSET = 18
 MIN_SEQ = 3  # the runtime pads every batch to at least this many tokens
@@ -35,11 +37,11 @@ class TrainablesAsInputs(nn.Module):
 
 
 def output_names(task: str) -> list[str]:
-    return [OUTPUT_LOGITS] if task == "classify" else [OUTPUT_NLL, OUTPUT_TOKENS]
+    return [OUTPUT_LOGITS, OUTPUT_FEATURES] if task == "classify" else [OUTPUT_NLL, OUTPUT_TOKENS]
 
 
 def export_onnx(wrapper: TrainablesAsInputs, task: str, trainables: dict[str, torch.Tensor], path: Path,
-                num_labels: int, max_seq: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
+                num_labels: int, hidden: int, max_seq: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
     ids = torch.randint(5, 100, (2, 8), dtype=torch.long)
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 6:] = 0
@@ -60,7 +62,8 @@ def export_onnx(wrapper: TrainablesAsInputs, task: str, trainables: dict[str, to
         onnx_program.save(str(path), external_data=False)
     inputs = [TensorSpec(INPUT_IDS, ["batch", "seq"], "int64"), TensorSpec(ATTENTION_MASK, ["batch", "seq"], "int64")]
     if task == "classify":
-        outputs = [TensorSpec(OUTPUT_LOGITS, ["batch", num_labels], "float32")]
+        outputs = [TensorSpec(OUTPUT_LOGITS, ["batch", num_labels], "float32"),
+                   TensorSpec(OUTPUT_FEATURES, ["batch", hidden], "float32")]
     else:
         outputs = [TensorSpec(OUTPUT_NLL, ["batch"], "float32"), TensorSpec(OUTPUT_TOKENS, ["batch"], "float32")]
     return inputs, outputs

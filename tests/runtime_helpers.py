@@ -1,0 +1,23 @@
+"""Small synthetic datasets for runtime tests."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+GOOD = ["great", "wonderful", "superb", "delightful", "brilliant", "lovely"]
+BAD = ["awful", "terrible", "dreadful", "boring", "horrible", "dull"]
+FILLER = ["the", "film", "was", "a", "story", "and", "quite", "really", "plot", "acting", "very", "it"]
+
+
+def write_sentiment(path: Path, n: int, seed: int = 0) -> Path:
+    """A learnable toy task: the label is whether the sentence holds a positive or a negative word."""
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 4) + [rng.choice(GOOD if label else BAD)]
+        rng.shuffle(words)
+        lines.append(" ".join(words) + f"\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

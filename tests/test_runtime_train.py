@@ -1,0 +1,171 @@
+"""Device runtime: ZO learns, replays exactly, resumes bit-exactly after SIGKILL, guards divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from runtime_helpers import write_sentiment
+from zoedge.errors import ZoedgeError
+from zoedge.runtime.bundle import Bundle
+from zoedge.runtime.engine import create_session
+from zoedge.runtime.forward import BoundForward
+from zoedge.runtime.patch import ADAPTER_FILE, replay_patch
+from zoedge.runtime.tensors import load_tensors
+from zoedge.runtime.trainer import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    return write_sentiment(d / "train.tsv", 400, seed=0), write_sentiment(d / "dev.tsv", 200, seed=1)
+
+
+def quiet(*_):
+    pass
+
+
+def test_zo_reduces_loss_on_a_learnable_task(tiny_bert_bundle, toy, tmp_path):
+    train_file, dev_file = toy
+    cfg = TrainConfig(steps=300, lr=2e-2, eps=1e-2, head_init="none", eval_every=100, keep="last")
+    r = train(tiny_bert_bundle, train_file, tmp_path / "p", cfg, eval_path=dev_file, log=quiet)
+    losses = [h["eval_loss"] for h in r["history"]]
+    print(r["history"])
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert r["eval_accuracy"] > r["eval_accuracy_start"] + 0.1
+    assert r["forward_passes"] >= 2 * 300
+
+
+def test_linear_probe_head_start(tiny_bert_bundle, toy, tmp_path):
+    train_file, dev_file = toy
+    r = train(tiny_bert_bundle, train_file, tmp_path / "p", TrainConfig(steps=5, head_init="lp"),
+              eval_path=dev_file, log=quiet)
+    assert r["eval_accuracy_head_start"] >= 0.9 > r["eval_accuracy_start"]
+
+
+@pytest.mark.parametrize("optimizer, q", [("zo-sgd", 1), ("zo-sgd", 3), ("zo-momentum", 1), ("zo-adam", 2)])
+def test_trajectory_replay_is_bit_exact(tiny_bert_bundle, toy, tmp_path, optimizer, q):
+    train_file, dev_file = toy
+    out = tmp_path / "p"
+    cfg = TrainConfig(steps=40, lr=1e-2 if optimizer != "zo-adam" else 1e-3, optimizer=optimizer, perturbations=q,
+                      weight_decay=0.01, head_init="lp", keep="last")
+    train(tiny_bert_bundle, train_file, out, cfg, log=quiet)
+    trained = load_tensors(out / ADAPTER_FILE)
+    replayed = replay_patch(out, tiny_bert_bundle)
+    initial = Bundle.open(tiny_bert_bundle).initial_trainables()
+    assert any(not np.array_equal(trained[k], initial[k]) for k in trained)
+    for k in trained:
+        assert np.array_equal(trained[k], replayed[k]), k
+
+
+def test_zo_estimate_matches_autograd_directional_derivative(tiny_bert_bundle, toy):
+    """(L(θ+εz) - L(θ-εz)) / 2ε through onnxruntime ≈ ∇L·z through torch autograd."""
+    import torch
+
+    from zoedge.export.assemble import build_selection
+    from zoedge.export.onnx_graph import TrainablesAsInputs
+    from zoedge.models.registry import load_source
+    from zoedge.runtime import objectives
+    from zoedge.runtime.trainer import load_dataset
+    from zoedge.runtime.zo import DirectionCache, perturbation_cycle
+
+    bundle = Bundle.open(tiny_bert_bundle)
+    m = bundle.manifest
+    rng = np.random.default_rng(0)
+    tensors = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.05) for k, v in bundle.initial_trainables().items()}
+    data = load_dataset(toy[0], m, limit=32)
+    ids, mask = bundle.encoder(data.texts)
+    fwd = BoundForward(create_session(bundle.path, m), tensors)
+    dirs = DirectionCache([(k, v.shape) for k, v in tensors.items()], keep=True)
+    eps = 1e-3
+    loss = lambda: objectives.cross_entropy(fwd(ids, mask, ("logits",))[0], data.labels)  # noqa: E731
+    lp, lm = perturbation_cycle(tensors, dirs, 7, 1, 0, eps, loss_at=loss)
+    zo = (lp - lm) / (2 * eps)
+
+    sel = build_selection(load_source("tiny-bert"), "classify", 2, [], ["lora", "head"])
+    wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in tensors.items()}
+    logits, _ = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), params)
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(data.labels)).backward()
+    directional = sum(float((params[k].grad.numpy().astype(np.float64) * z).sum()) for k, z in dirs(7, 1, 0))
+    assert abs(zo - directional) <= 0.02 * abs(directional) + 1e-4, (zo, directional)
+
+
+def test_sigkill_then_resume_is_bit_exact(tiny_bert_bundle, toy, tmp_path):
+    train_file, dev_file = toy
+    steps = 1500
+    args = ["train", tiny_bert_bundle, "--data", train_file, "--eval", dev_file, "--eval-every", "100",
+            "--eval-limit", "50", "--steps", str(steps), "--checkpoint-every", "25", "--lr", "1e-2", "--seed", "3", "--json"]
+    ref = tmp_path / "ref"
+    run_cli(*args, "--out", ref, check=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "zoedge", *map(str, args), "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
+        time.sleep(0.01)
+    time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed, "training finished before it could be killed; make the run longer"
+    assert not (out / "patch.json").exists()
+    p = run_cli(*args, "--out", out, "--resume", check=True)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["steps_run"] == steps
+    a, b = load_tensors(ref / ADAPTER_FILE), load_tensors(out / ADAPTER_FILE)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((ref / "patch.json").read_text())["adapter_sha256"] == \
+        json.loads((out / "patch.json").read_text())["adapter_sha256"]
+    assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_divergence_guard_rolls_back_and_recovers(tiny_bert_bundle, toy, tmp_path):
+    messages = []
+    cfg = TrainConfig(steps=60, lr=50.0, eps=1e-2, head_init="none", checkpoint_every=10, keep="last")
+    r = train(tiny_bert_bundle, toy[0], tmp_path / "p", cfg, log=messages.append)
+    assert r["rollbacks"] >= 1
+    assert any("divergence guard" in m for m in messages)
+    assert r["steps_run"] == 60
+    t = load_tensors(tmp_path / "p" / ADAPTER_FILE)
+    assert all(np.isfinite(v).all() for v in t.values())
+    lrs = np.load(tmp_path / "p" / "trajectory.npy")[:, -1]
+    assert lrs.min() < 50.0  # the learning rate was lowered
+
+
+def test_memory_planner(tiny_bert_bundle, toy, tmp_path):
+    with pytest.raises(ZoedgeError, match="cannot fit this bundle"):
+        train(tiny_bert_bundle, toy[0], tmp_path / "a", TrainConfig(steps=2, max_memory="20MB"), log=quiet)
+    r = train(tiny_bert_bundle, toy[0], tmp_path / "b", TrainConfig(steps=2, batch_size=8, max_memory="2GB"), log=quiet)
+    assert r["batch_size"] == 8
+
+
+def test_bound_forward_sees_in_place_updates(tiny_bert_bundle):
+    b = Bundle.open(tiny_bert_bundle)
+    tensors = b.initial_trainables()
+    fwd = BoundForward(create_session(b.path, b.manifest), tensors)
+    ids, mask = b.encoder(["a fine film"])
+    before = fwd(ids, mask, ("logits",))[0].copy()
+    head = next(t.name for t in b.manifest.trainables if t.role == "head")
+    tensors[head] += np.random.default_rng(0).standard_normal(tensors[head].shape).astype(np.float32)  # in place
+    after = fwd(ids, mask, ("logits",))[0]
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_eval_with_and_without_patch(tiny_bert_bundle, toy, tmp_path):
+    train(tiny_bert_bundle, toy[0], tmp_path / "p", TrainConfig(steps=3, head_init="lp"), log=quiet)
+    base = json.loads(run_cli("eval", tiny_bert_bundle, "--data", toy[1], "--json", check=True).stdout.splitlines()[-1])
+    patched = json.loads(run_cli("eval", tiny_bert_bundle, "--data", toy[1], "--patch", tmp_path / "p", "--json",
+                                 check=True).stdout.splitlines()[-1])
+    assert base["n"] == patched["n"] == 200
+    assert patched["accuracy"] > base["accuracy"]
+    assert patched["peak_rss_mb"] > 0

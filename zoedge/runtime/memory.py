@@ -1,0 +1,39 @@
+"""Memory: parse budgets, read RSS, plan a batch size that fits."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+
+from zoedge.errors import ZoedgeError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmg]?b?)\s*", text.lower())
+    if not m:
+        raise ZoedgeError(f"bad memory size {text!r} (use e.g. 300MB or 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def current_rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def plan_batch(budget_mb: float, fixed_mb: float, per_example_mb: float, requested: int) -> int:
+    """Largest batch <= requested whose predicted peak fits the budget; refuse when even 1 does not."""
+    per_example_mb = max(per_example_mb, 0.05)
+    fits = int((budget_mb - fixed_mb) // per_example_mb)
+    if fits < 1:
+        need = fixed_mb + per_example_mb
+        raise ZoedgeError(f"--max-memory {budget_mb:.0f}MB cannot fit this bundle: it needs about {need:.0f}MB "
+                          f"for batch size 1 ({fixed_mb:.0f}MB model and runtime + {per_example_mb:.1f}MB per example)")
+    return min(requested, fits)

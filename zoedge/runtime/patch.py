@@ -1,0 +1,184 @@
+"""A patch: what training produced, in two interchangeable forms.
+
+Patch directory:
+    patch.json                  zoedge metadata (bundle, base and initial hashes, steps, metrics, hyper-parameters,
+                                the ZO config and run seed needed for replay, sha256 of every file)
+    adapter_model.safetensors   trained tensors under their PEFT keys (the bundle's trainable names)
+    adapter_config.json         PEFT LoraConfig (only when the bundle has LoRA), so the directory loads with
+                                peft.PeftModel.from_pretrained
+    trajectory.npy              float32 rows [g_1..g_q, lr], one per step: replaying it from the bundle's
+                                initial tensors (+ start.safetensors) rebuilds adapter_model.safetensors exactly
+    start.safetensors           tensors set before ZO began (the linear-probe head), if any: a few KB
+
+numpy + safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import Manifest, sha256_file
+from zoedge.runtime.tensors import load_tensors, save_tensors, tensor_digest
+from zoedge.runtime.zo import ZOConfig, replay
+
+PATCH_FILE = "patch.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+TRAJECTORY_FILE = "trajectory.npy"
+START_FILE = "start.safetensors"
+PATCH_FORMAT = "zoedge-patch/1"
+
+
+def adapter_config(manifest: Manifest) -> dict[str, Any] | None:
+    if manifest.lora is None:
+        return None
+    heads = sorted({t.module for t in manifest.trainables if t.role == "head"})
+    return {
+        "peft_type": "LORA", "task_type": None, "r": manifest.lora.rank, "lora_alpha": manifest.lora.alpha,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": r".*\.(" + "|".join(manifest.lora.target_modules) + r")$",
+        "modules_to_save": heads or None, "base_model_name_or_path": manifest.model_id, "init_lora_weights": True,
+        "revision": None,
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def mkstemp_in(directory: Path, name: str) -> tuple[int, str]:
+    """A temporary file beside `name` with ordinary permissions (mkstemp alone gives 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    os.fchmod(fd, _umask_mode())
+    return fd, tmp
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = mkstemp_in(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_patch(out: Path, manifest: Manifest, tensors: dict[str, np.ndarray], trajectory: np.ndarray,
+                start: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write every file to temporaries, then rename into place; patch.json last (it marks the patch complete)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PATCH_FILE).unlink(missing_ok=True)  # an incomplete patch has no patch.json
+    files: dict[str, str] = {}
+
+    def put_tensors(name: str, t: dict[str, np.ndarray]) -> None:
+        fd, tmp = mkstemp_in(out, name)
+        os.close(fd)
+        save_tensors(t, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / name)
+        files[name] = sha256_file(out / name)
+
+    put_tensors(ADAPTER_FILE, tensors)
+    if start:
+        put_tensors(START_FILE, start)
+    else:
+        (out / START_FILE).unlink(missing_ok=True)
+    fd, tmp = mkstemp_in(out, TRAJECTORY_FILE)
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, np.ascontiguousarray(trajectory, dtype="<f4"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / TRAJECTORY_FILE)
+    files[TRAJECTORY_FILE] = sha256_file(out / TRAJECTORY_FILE)
+    cfg = adapter_config(manifest)
+    if cfg is not None:
+        write_json_atomic(out / ADAPTER_CONFIG_FILE, cfg)
+        files[ADAPTER_CONFIG_FILE] = sha256_file(out / ADAPTER_CONFIG_FILE)
+    doc = {
+        "format": PATCH_FORMAT, "bundle_id": manifest.bundle_id, "model_id": manifest.model_id,
+        "base_sha256": manifest.base_sha256, "initial_sha256": manifest.initial_sha256,
+        "adapter_sha256": tensor_digest(tensors), "files": files, **meta,
+    }
+    write_json_atomic(out / PATCH_FILE, doc)
+    return doc
+
+
+def read_patch(patch_dir: str | Path) -> dict[str, Any]:
+    p = Path(patch_dir) / PATCH_FILE
+    if not p.is_file():
+        raise ZoedgeError(f"{patch_dir}: not a zoedge patch (no {PATCH_FILE})")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZoedgeError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != PATCH_FORMAT:
+        raise ZoedgeError(f"{p}: unknown patch format {doc.get('format') if isinstance(doc, dict) else None!r}")
+    for name, digest in doc.get("files", {}).items():
+        f = Path(patch_dir) / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise ZoedgeError(f"{patch_dir}: {name} is missing or does not match its sha256")
+    return doc
+
+
+def check_patch_fits(doc: dict[str, Any], manifest: Manifest, where: str) -> None:
+    if doc.get("base_sha256") != manifest.base_sha256:
+        raise ZoedgeError(f"{where}: patch was made for another base model "
+                          f"({str(doc.get('model_id'))}, base {str(doc.get('base_sha256'))[:12]}), "
+                          f"bundle has {manifest.model_id} base {manifest.base_sha256[:12]}")
+    if doc.get("initial_sha256") and doc["initial_sha256"] != manifest.initial_sha256:
+        raise ZoedgeError(f"{where}: patch starts from other initial trainables than this bundle's")
+
+
+def load_patch_tensors(patch_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    from zoedge.runtime.bundle import check_trainables
+
+    doc = read_patch(patch_dir)
+    check_patch_fits(doc, manifest, str(patch_dir))
+    return check_trainables(manifest, load_tensors(Path(patch_dir) / ADAPTER_FILE), str(Path(patch_dir) / ADAPTER_FILE))
+
+
+def replay_patch(patch_dir: str | Path, bundle_dir: str | Path) -> dict[str, np.ndarray]:
+    """Rebuild the trained tensors from the bundle's initial tensors and the patch's trajectory (numpy only)."""
+    from zoedge.runtime.bundle import Bundle, check_trainables
+
+    bundle = Bundle.open(bundle_dir)
+    m = bundle.manifest
+    doc = read_patch(patch_dir)
+    check_patch_fits(doc, m, str(patch_dir))
+    tensors = bundle.initial_trainables()
+    start_path = Path(patch_dir) / START_FILE
+    if start_path.is_file():
+        for k, v in load_tensors(start_path).items():
+            if k not in tensors or tensors[k].shape != v.shape:
+                raise ZoedgeError(f"{start_path}: tensor {k!r} does not fit the bundle")
+            tensors[k] = np.ascontiguousarray(v, dtype=np.float32).copy()
+    try:
+        traj = np.load(Path(patch_dir) / TRAJECTORY_FILE, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ZoedgeError(f"{patch_dir}: unreadable {TRAJECTORY_FILE} ({e})") from None
+    z = doc.get("zo") or {}
+    cfg = ZOConfig(**{k: v for k, v in z.items() if k in ZOConfig.__dataclass_fields__})
+    if traj.ndim != 2 or traj.shape[1] != cfg.perturbations + 1:
+        raise ZoedgeError(f"{patch_dir}: trajectory has shape {traj.shape}, expected (steps, {cfg.perturbations + 1})")
+    if traj.shape[0] != doc.get("steps"):
+        raise ZoedgeError(f"{patch_dir}: trajectory has {traj.shape[0]} steps, patch.json says {doc.get('steps')}")
+    roles = {t.name: t.role for t in m.trainables}
+    replay(tensors, cfg, roles, int(doc["run_seed"]), traj)
+    return check_trainables(m, tensors, "replayed tensors")

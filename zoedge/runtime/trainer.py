@@ -1,0 +1,405 @@
+"""`zoedge train`: zeroth-order fine-tuning of a bundle's trainable inputs on local data.
+
+The loop, in order each step: learning rate -> batch -> perturb/forward(+)/forward(-)/restore per
+perturbation -> divergence guard -> update -> trajectory -> eval -> snapshot/checkpoint -> stop.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import OUTPUT_FEATURES, OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, Manifest
+from zoedge.runtime import objectives
+from zoedge.runtime.bundle import Bundle
+from zoedge.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from zoedge.runtime.data import label_indices, read_examples
+from zoedge.runtime.engine import create_session
+from zoedge.runtime.forward import BoundForward
+from zoedge.runtime.memory import current_rss_mb, parse_size, peak_rss_mb, plan_batch
+from zoedge.runtime.patch import PATCH_FILE, write_patch
+from zoedge.runtime.probe import fit_linear_probe
+from zoedge.runtime.zo import OPTIMIZERS, DirectionCache, OptimizerState, ZOConfig, clip_grads, perturbation_cycle, update
+
+MAX_FAILED_ROLLBACKS = 12  # consecutive rollbacks to the same good state before giving up
+KEEP_Z_BYTES = 64 << 20  # keep a step's z in memory below this many bytes of trainables, else regenerate
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    eps: float | None = None
+    perturbations: int = 1
+    batched: bool = False
+    optimizer: str = "zo-sgd"
+    objective: str | None = None
+    head_init: str | None = None  # "lp" | "none"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | linear | cosine
+    clip: float = 0.0
+    eval_every: int | None = None
+    eval_limit: int = 0
+    patience: int = 0  # evals without improvement before stopping; 0 = never
+    checkpoint_every: int = 100
+    keep: str = "best"  # best (by eval) | last
+    seed: int = 0
+    max_memory: str | None = None
+    lp_examples: int = 4000
+
+
+def default_recipe(m: Manifest) -> dict[str, Any]:
+    """Per-bundle-kind defaults (the recipe a user gets by typing nothing)."""
+    lora = "lora" in m.trainable_kinds
+    if m.task == "lm":
+        return {"lr": 1e-4 if lora else 1e-6, "eps": 1e-2 if lora else 1e-3, "steps": 500, "objective": "lm"}
+    if m.kind == "encoder":
+        return {"lr": 1e-4 if lora else 1e-3, "eps": 1e-2, "steps": 1000, "objective": "ce",
+                "head_init": "lp" if "head" in m.trainable_kinds else "none"}
+    return {"lr": 1e-4 if lora else 1e-5, "eps": 1e-2, "steps": 500, "objective": "ce", "head_init": "none"}
+
+
+def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
+    d = default_recipe(m)
+    cfg = TrainConfig(**asdict(cfg))
+    cfg.lr = d["lr"] if cfg.lr is None else cfg.lr
+    cfg.eps = d["eps"] if cfg.eps is None else cfg.eps
+    cfg.steps = d["steps"] if cfg.steps is None else cfg.steps
+    cfg.objective = cfg.objective or d["objective"]
+    cfg.head_init = cfg.head_init or d.get("head_init", "none")
+    cfg.eval_every = cfg.eval_every if cfg.eval_every is not None else max(1, cfg.steps // 10)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ZoedgeError(f"bad --optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.objective not in objectives.OBJECTIVES:
+        raise ZoedgeError(f"bad --objective {cfg.objective!r}: choose one of {', '.join(objectives.OBJECTIVES)}")
+    if (cfg.objective == "lm") != (m.task == "lm"):
+        raise ZoedgeError(f"bad --objective {cfg.objective!r} for a {m.task} bundle")
+    if cfg.head_init not in ("lp", "none"):
+        raise ZoedgeError(f"bad --head-init {cfg.head_init!r}: choose lp or none")
+    if cfg.head_init == "lp" and not any(t.role == "head" for t in m.trainables):
+        raise ZoedgeError("--head-init lp needs a bundle whose head is trainable (export with --trainable ...,head)")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        raise ZoedgeError(f"bad --lr-schedule {cfg.lr_schedule!r}")
+    if cfg.keep not in ("best", "last"):
+        raise ZoedgeError(f"bad --keep {cfg.keep!r}: choose best or last")
+    for name in ("steps", "batch_size", "perturbations"):
+        if getattr(cfg, name) < 1:
+            raise ZoedgeError(f"bad --{name.replace('_', '-')}: must be >= 1")
+    if not (cfg.lr > 0 and cfg.eps > 0):
+        raise ZoedgeError("bad --lr/--eps: must be > 0")
+    if cfg.batched:
+        raise ZoedgeError("--batched needs a bundle exported with a LoRA copies axis (export --copies); "
+                          "this bundle has none")
+    return cfg
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    frac = (step - 1) / max(cfg.steps, 1)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr
+
+
+def batch_indices(run_seed: int, step: int, n: int, batch: int) -> np.ndarray:
+    """The step's minibatch, a pure function of (seed, step): resume needs no data-order state."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run_seed, step, 0x5EED])))
+    return rng.choice(n, size=min(batch, n), replace=False)
+
+
+@dataclass
+class Dataset:
+    texts: list[str]
+    labels: np.ndarray | None
+
+
+def load_dataset(path: str | Path, m: Manifest, limit: int = 0) -> Dataset:
+    ex = read_examples(path, need_labels=m.task == "classify", limit=limit or None)
+    labels = np.asarray(label_indices(ex, m.labels, path), dtype=np.int64) if m.task == "classify" else None
+    return Dataset(ex.texts, labels)
+
+
+class Evaluator:
+    """Accuracy / loss of the current tensors on a dataset, in batches."""
+
+    def __init__(self, bundle: Bundle, fwd: BoundForward, batch: int = 64):
+        self.bundle, self.fwd, self.batch = bundle, fwd, batch
+
+    def outputs(self, texts: list[str], names: tuple[str, ...]) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for i in range(0, len(texts), self.batch):
+            ids, mask = self.bundle.encoder(texts[i:i + self.batch])
+            for p, o in zip(parts, self.fwd(ids, mask, names)):
+                p.append(o)
+        return [np.concatenate(p) for p in parts]
+
+    def __call__(self, data: Dataset) -> dict[str, float]:
+        if data.labels is not None:
+            (logits,) = self.outputs(data.texts, (OUTPUT_LOGITS,))
+            return {"accuracy": objectives.accuracy(logits, data.labels),
+                    "loss": objectives.cross_entropy(logits, data.labels),
+                    "f1": objectives.macro_f1(logits, data.labels)}
+        nll, n = self.outputs(data.texts, (OUTPUT_NLL, OUTPUT_TOKENS))
+        loss = objectives.lm_loss(nll, n)
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+
+
+def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, eval_path: str | Path | None = None,
+          resume: bool = False, on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+    t0 = time.perf_counter()
+    bundle = Bundle.open(bundle_dir)
+    m = bundle.manifest
+    cfg = resolve(cfg, m)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ZoedgeError(f"--out {out}: exists and is not a directory")
+    if resume:
+        if not (out / CHECKPOINT_FILE).is_file():
+            raise ZoedgeError(f"--resume: {out} has no {CHECKPOINT_FILE}")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ZoedgeError(f"--out {out}: directory is not empty (use --resume to continue a run, or another --out)")
+    train_set = load_dataset(data, m)
+    eval_set = load_dataset(eval_path, m, cfg.eval_limit) if eval_path else None
+
+    session = create_session(bundle.path, m)
+    tensors = bundle.initial_trainables()
+    roles = {t.name: t.role for t in m.trainables}
+    fwd = BoundForward(session, tensors)
+    evaluator = Evaluator(bundle, fwd)
+    zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,
+                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=True)
+    nbytes = sum(t.nbytes for t in tensors.values())
+    dirs = DirectionCache([(n, tuple(t.shape)) for n, t in tensors.items()], keep=nbytes <= KEEP_Z_BYTES)
+    opt = OptimizerState()
+    run_seed = cfg.seed
+    train_outputs = (OUTPUT_LOGITS,) if m.task == "classify" else (OUTPUT_NLL, OUTPUT_TOKENS)
+
+    batch = cfg.batch_size
+    if cfg.max_memory:
+        batch = _plan_memory(bundle, fwd, parse_size(cfg.max_memory) / 2**20, batch, nbytes, cfg, log)
+
+    def loss_on(ids, mask, y) -> Callable[[], float]:
+        def f() -> float:
+            outs = fwd(ids, mask, train_outputs)
+            if m.task == "classify":
+                return objectives.classification_loss(cfg.objective, outs[0], y)
+            return objectives.lm_loss(outs[0], outs[1])
+        return f
+
+    # ---- start: fresh (head start + eval) or from a checkpoint ----------------------------------
+    state: dict[str, Any]
+    start: dict[str, np.ndarray] = {}
+    best: dict[str, np.ndarray] = {}
+    trajectory: list[list[float]] = []
+    if resume:
+        groups, traj, state = load_checkpoint(out)
+        if state.get("bundle_id") != m.bundle_id or state.get("config") != _config_key(cfg):
+            raise ZoedgeError(f"--resume: {out} holds a run of another bundle or with other settings")
+        for k, v in groups["tensors"].items():
+            np.copyto(tensors[k], v)
+        opt.buffers = groups["optimizer"]
+        opt.step = state["step"]
+        start, best = groups["start"], groups["best"]
+        trajectory = traj.tolist()
+        log(f"resuming at step {state['step']} of {cfg.steps}")
+    else:
+        state = {"step": 0, "lr_scale": 1.0, "loss_ref": None, "rollbacks": 0, "history": [], "best_step": 0,
+                 "best_score": None, "evals_since_best": 0, "start_metrics": None, "lp_metrics": None,
+                 "bundle_id": m.bundle_id, "config": _config_key(cfg)}
+        if eval_set is not None:
+            state["start_metrics"] = evaluator(eval_set)
+            log(f"start: eval {_fmt(state['start_metrics'])}")
+        if cfg.head_init == "lp":
+            start = _linear_probe(m, evaluator, train_set, tensors, cfg.lp_examples, run_seed)
+            if eval_set is not None:
+                state["lp_metrics"] = evaluator(eval_set)
+                log(f"linear-probe head: eval {_fmt(state['lp_metrics'])}")
+        begin = state["lp_metrics"] or state["start_metrics"]
+        if begin is not None:
+            state["best_score"] = _score(begin)
+            state["history"].append({"step": 0, **{f"eval_{k}": v for k, v in begin.items()}})
+        best = {k: v.copy() for k, v in tensors.items()}
+        out.mkdir(parents=True, exist_ok=True)
+    snapshot = _snapshot(tensors, opt, trajectory, state)
+    snapshot_every = cfg.checkpoint_every or 100
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    step = state["step"]
+    stopped_early = False
+    while step < cfg.steps:
+        step += 1
+        lr = float(np.float32(lr_at(cfg, step) * state["lr_scale"]))
+        idx = batch_indices(run_seed, step, len(train_set.texts), batch)
+        ids, mask = bundle.encoder([train_set.texts[i] for i in idx])
+        y = train_set.labels[idx] if train_set.labels is not None else None
+        f = loss_on(ids, mask, y)
+        grads, losses = [], []
+        for i in range(cfg.perturbations):
+            lp, lm = perturbation_cycle(tensors, dirs, run_seed, step, i, cfg.eps, loss_at=f)
+            grads.append((lp - lm) / (2 * cfg.eps))
+            losses += [lp, lm]
+        loss = float(np.mean(losses))
+        if _diverged(losses, grads, state, cfg.objective):
+            step = _rollback(snapshot, tensors, opt, trajectory, state)
+            state["lr_scale"] *= 0.5
+            state["rollbacks"] += 1
+            state["failed_rollbacks"] = state.get("failed_rollbacks", 0) + 1
+            log(f"divergence guard: loss {loss:.4g} at step {step + 1}; rolled back to step {step}, "
+                f"lr x{state['lr_scale']:g}")
+            if state["failed_rollbacks"] > MAX_FAILED_ROLLBACKS:
+                raise ZoedgeError(f"training diverged {MAX_FAILED_ROLLBACKS} times in a row from step {step} "
+                                  "even with a lower learning rate; try a smaller --lr or --eps")
+            continue
+        grads = clip_grads(grads, cfg.clip)
+        update(tensors, opt, zo_cfg, roles, dirs, run_seed, step, grads, lr)
+        trajectory.append([*grads, lr])
+        state["step"] = step
+        ref = state["loss_ref"]
+        state["loss_ref"] = loss if ref is None else 0.95 * ref + 0.05 * loss
+        record = {"step": step, "loss": loss, "lr": lr, "projected_grad": float(np.mean(grads))}
+        if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics = evaluator(eval_set)
+            record.update({f"eval_{k}": v for k, v in metrics.items()})
+            state["history"].append(record)
+            score = _score(metrics)
+            if state["best_score"] is None or score > state["best_score"]:
+                state.update(best_score=score, best_step=step, evals_since_best=0)
+                best = {k: v.copy() for k, v in tensors.items()}
+            else:
+                state["evals_since_best"] += 1
+            if cfg.patience and state["evals_since_best"] >= cfg.patience:
+                stopped_early = True
+        if on_step:
+            on_step({**record, "total": cfg.steps, "rss_mb": peak_rss_mb()})
+        if step % snapshot_every == 0 or stopped_early or step == cfg.steps:
+            state["failed_rollbacks"] = 0  # progress: a new good state
+            snapshot = _snapshot(tensors, opt, trajectory, state)
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or stopped_early or step == cfg.steps):
+                save_checkpoint(out, {"tensors": tensors, "optimizer": opt.buffers, "start": start, "best": best},
+                                np.asarray(trajectory, dtype=np.float32).reshape(-1, cfg.perturbations + 1), state)
+        if stopped_early:
+            log(f"early stop at step {step}: no eval improvement in {cfg.patience} evals")
+            break
+
+    # ---- the patch ------------------------------------------------------------------------------------
+    use_best = cfg.keep == "best" and eval_set is not None
+    final_step = state["best_step"] if use_best else state["step"]
+    final = best if use_best else tensors
+    traj = np.asarray(trajectory[:final_step], dtype=np.float32).reshape(-1, cfg.perturbations + 1)
+    final_metrics = next((h for h in state["history"] if h["step"] == final_step), None) if use_best else None
+    if eval_set is not None and final_metrics is None:
+        final_metrics = {f"eval_{k}": v for k, v in evaluator(eval_set).items()}
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "eval_accuracy_start": (state["start_metrics"] or {}).get("accuracy"),
+        "eval_accuracy_head_start": (state["lp_metrics"] or {}).get("accuracy"),
+        "eval_accuracy": (final_metrics or {}).get("eval_accuracy"),
+        "eval_loss": (final_metrics or {}).get("eval_loss"),
+        "history": state["history"],
+    }
+    meta = {
+        "steps": int(final_step), "steps_run": int(state["step"]), "run_seed": run_seed, "zo": zo_cfg.to_dict(),
+        "examples": len(train_set.texts), "metrics": metrics, "seconds": seconds,
+        "hyperparameters": {**asdict(cfg), "batch_size": batch}, "rollbacks": state["rollbacks"],
+        "forward_passes": fwd.calls, "optimizer_state_bytes": opt.nbytes(),
+    }
+    write_patch(out, m, final, traj, start, meta)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    result = {
+        "steps": int(final_step), "steps_run": int(state["step"]), "seconds": round(seconds, 2),
+        "eval_accuracy_start": metrics["eval_accuracy_start"], "eval_accuracy_head_start": metrics["eval_accuracy_head_start"],
+        "eval_accuracy": metrics["eval_accuracy"], "peak_rss_mb": round(peak_rss_mb(), 1), "forward_passes": fwd.calls,
+        "batch_size": batch, "rollbacks": state["rollbacks"], "optimizer_state_bytes": opt.nbytes(),
+        "patch": str(out), "history": state["history"],
+    }
+    return result
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _config_key(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share with the original (everything that changes the trajectory)."""
+    d = asdict(cfg)
+    for k in ("max_memory", "checkpoint_every"):
+        d.pop(k)
+    return d
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _diverged(losses: list[float], grads: list[float], state: dict, objective: str) -> bool:
+    if not all(math.isfinite(x) for x in losses + grads):
+        return True
+    ref = state["loss_ref"]
+    if ref is None or objective in ("accuracy", "f1"):
+        return False
+    return min(losses) > 3.0 * abs(ref) + 1.0
+
+
+def _snapshot(tensors, opt: OptimizerState, trajectory: list, state: dict) -> dict:
+    return {"tensors": {k: v.copy() for k, v in tensors.items()},
+            "optimizer": {k: v.copy() for k, v in opt.buffers.items()},
+            "trajectory_len": len(trajectory), "step": state["step"], "loss_ref": state["loss_ref"]}
+
+
+def _rollback(snapshot: dict, tensors, opt: OptimizerState, trajectory: list, state: dict) -> int:
+    for k, v in snapshot["tensors"].items():
+        np.copyto(tensors[k], v)
+    opt.buffers = {k: v.copy() for k, v in snapshot["optimizer"].items()}
+    opt.step = snapshot["step"]
+    del trajectory[snapshot["trajectory_len"]:]
+    state["step"] = snapshot["step"]
+    state["loss_ref"] = snapshot["loss_ref"]
+    return snapshot["step"]
+
+
+def _linear_probe(m: Manifest, evaluator: Evaluator, data: Dataset, tensors, limit: int, seed: int) -> dict:
+    """Fit the head on the frozen features of up to `limit` training examples; returns the new head tensors."""
+    n = len(data.texts)
+    idx = np.random.Generator(np.random.PCG64(seed)).permutation(n)[:limit] if n > limit else np.arange(n)
+    (features,) = evaluator.outputs([data.texts[i] for i in idx], (OUTPUT_FEATURES,))
+    w, b = fit_linear_probe(features, data.labels[idx], len(m.labels))
+    head = [t for t in m.trainables if t.role == "head"]
+    start = {}
+    for t in head:
+        value = w if len(t.shape) == 2 else b
+        np.copyto(tensors[t.name], value.astype(np.float32))
+        start[t.name] = tensors[t.name].copy()
+    return start
+
+
+def _plan_memory(bundle: Bundle, fwd: BoundForward, budget_mb: float, requested: int, nbytes: int,
+                 cfg: TrainConfig, log) -> int:
+    """Measure RSS growth of forwards at max length for batch 1 and 2, extrapolate, pick a batch that fits."""
+    length = bundle.manifest.max_length
+    ids = np.full((1, length), 100, dtype=np.int64)
+    mask = np.ones((1, length), dtype=np.int64)
+    outs = (OUTPUT_LOGITS,) if bundle.manifest.task == "classify" else (OUTPUT_NLL, OUTPUT_TOKENS)
+    fwd(ids, mask, outs)
+    r1 = max(current_rss_mb(), peak_rss_mb())
+    fwd(np.repeat(ids, 4, 0), np.repeat(mask, 4, 0), outs)
+    r4 = max(current_rss_mb(), peak_rss_mb())
+    per_example = max((r4 - r1) / 3.0, 0.05)
+    state_mb = nbytes * (1 if cfg.optimizer == "zo-sgd" else 2 if cfg.optimizer == "zo-momentum" else 3) / 2**20
+    fixed = r1 - per_example + state_mb * 2  # + a snapshot copy and the optimizer state
+    batch = plan_batch(budget_mb, fixed, per_example, requested)
+    if batch < requested:
+        log(f"--max-memory {budget_mb:.0f}MB: batch size {requested} -> {batch} "
+            f"(~{fixed:.0f}MB fixed + {per_example:.1f}MB per example)")
+    return batch
