@@ -5,6 +5,7 @@ Providers the installed onnxruntime lacks are dropped with a visible warning, fa
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,10 @@ def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0,
         raise ZoedgeError(f"{bundle_dir}: missing {MODEL_FILE}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    threads = threads or int(os.environ.get("ZOEDGE_THREADS", "0") or 0)
     if threads:
         so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     names, options = provider_plan(manifest, bundle_dir, warn)
     try:
         session = ort.InferenceSession(str(path), sess_options=so, providers=names, provider_options=options)
