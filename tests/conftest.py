@@ -29,7 +29,9 @@ def export_tiny(out: Path, model: str, *extra: str) -> Path:
     it = iter(extra)
     for flag in it:
         value = next(it)
-        setattr(opts, flag.lstrip("-").replace("-", "_"), value if flag != "--lora-targets" else value.split(","))
+        if flag == "--lora-targets":
+            value = value.split(",")
+        setattr(opts, flag.lstrip("-").replace("-", "_"), value)
     export_bundle(opts, log=lambda *_: None)
     return out
 

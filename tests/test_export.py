@@ -19,12 +19,15 @@ CASES = [
     ("tiny-llama", "classify", "bias,head"),
     ("tiny-llama", "lm", "lora"),
     ("tiny-llama", "lm", "full"),
+    ("tiny-bert", "classify", "lora,head", 4),
+    ("tiny-llama", "classify", "lora,head", 2),
 ]
 
 
-@pytest.mark.parametrize("model, task, trainable", CASES)
-def test_parity_torch_vs_onnxruntime(tmp_path, model, task, trainable):
-    out = export_tiny(tmp_path / "b", model, "--task", task, "--trainable", trainable)
+@pytest.mark.parametrize("model, task, trainable, copies", [c if len(c) == 4 else (*c, 0) for c in CASES])
+def test_parity_torch_vs_onnxruntime(tmp_path, model, task, trainable, copies):
+    """With a copies axis, each copy gets different values and is checked against torch separately."""
+    out = export_tiny(tmp_path / "b", model, "--task", task, "--trainable", trainable, "--copies", copies)
     r = verify_bundle(out)
     assert r["n"] >= 8
     assert r["max_abs_diff"] <= 1e-4, r

@@ -65,6 +65,7 @@ def export(
     calibration: Optional[Path] = typer.Option(None, help="Text file (TSV/CSV/JSONL) for int8-static calibration"),
     target: str = typer.Option("cpu", help="cpu | pi | jetson | phone"),
     max_length: int = typer.Option(64, help="Maximum tokens per example"),
+    copies: int = typer.Option(0, help="Give LoRA/head inputs a copies axis of this size (2q) for batched ZO"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
 ) -> None:
@@ -74,7 +75,7 @@ def export(
     opts = ExportOptions(model=model, out=out, task=task, labels=_csv(labels) or [], label_words=_words(label_words),
                          prompt=prompt, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_targets=_csv(lora_targets) or [], quant=quant, calibration=calibration, target=target,
-                         max_length=max_length, force=force)
+                         max_length=max_length, force=force, copies=copies)
     validate(opts)
     log = (lambda m: print(m, file=sys.stderr)) if json_out else print
     m = export_bundle(opts, log=log)

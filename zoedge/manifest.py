@@ -89,6 +89,7 @@ class Manifest:
     padding_side: str = "right"
     truncation_side: str = "right"
     lora: LoraSpec | None = None
+    copies: int = 0  # >0: every trainable graph input has a leading copies axis (batched perturbations)
     quantization: str = "fp32"
     quantization_details: dict[str, Any] = field(default_factory=dict)
     target: str = "cpu"
@@ -118,6 +119,9 @@ class Manifest:
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has unknown role {t.role!r}")
             if not all(isinstance(d, int) and d > 0 for d in t.shape):
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has a bad shape {t.shape!r}")
+
+    def graph_shape(self, t: Trainable) -> list[int]:
+        return [self.copies, *t.shape] if self.copies else list(t.shape)
 
     # ---- helpers ----------------------------------------------------------------------------
     @property

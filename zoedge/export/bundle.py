@@ -47,6 +47,7 @@ class ExportOptions:
     max_length: int = 64
     force: bool = False
     seed: int = 0
+    copies: int = 0
 
 
 def providers_for(target: str, out: Path) -> list[dict]:
@@ -81,6 +82,13 @@ def validate(opts: ExportOptions) -> None:
         raise ZoedgeError(f"bad --label-words: {len(opts.label_words)} words for {len(opts.labels)} labels")
     if opts.prompt is not None and "{sentence}" not in opts.prompt:
         raise ZoedgeError("bad --prompt: the template must contain {sentence}")
+    if opts.copies and (opts.copies < 2 or opts.copies % 2):
+        raise ZoedgeError(f"bad --copies {opts.copies}: an even number >= 2 (two per perturbation)")
+    if opts.copies:
+        from zoedge.export.copies import COPY_KINDS
+
+        if not set(kinds) <= COPY_KINDS:
+            raise ZoedgeError("bad --copies: supports --trainable lora and head only")
     if not 2 <= opts.max_length <= 4096:
         raise ZoedgeError(f"bad --max-length {opts.max_length}: must be between 2 and 4096")
     if opts.calibration is not None and not Path(opts.calibration).is_file():
@@ -141,10 +149,14 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     try:
         log(f"exporting ONNX ({len(sel.trainables)} trainable tensors, "
             f"{sum(int(np.prod(t.shape)) for t in sel.trainables):,} values) ...")
+        if opts.copies:
+            from zoedge.export.copies import enable_copies
+
+            enable_copies(sel.module, list(sel.param_names.values()), kinds)
         wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
         fp32_path = tmp / "model.fp32.onnx"
         inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels),
-                                      src.model.config.hidden_size, max_seq)
+                                      src.model.config.hidden_size, max_seq, opts.copies)
         details: dict = {}
         if quant == "fp32":
             fp32_path.rename(tmp / MODEL_FILE)
@@ -165,7 +177,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             model_source=src.source, num_parameters=sum(p.numel() for p in src.model.parameters()),
             labels=list(opts.labels) if opts.task == "classify" else [],
             label_words=list(label_words), label_token_ids=label_ids, prompt_template=prompt,
-            truncation_side=truncation_side, lora=sel.lora, quantization=quant, quantization_details=details,
+            truncation_side=truncation_side, lora=sel.lora, copies=opts.copies, quantization=quant, quantization_details=details,
             target=opts.target, providers=providers_for(opts.target, out),
             zoedge_version=zoedge.__version__, bundle_id=uuid.uuid4().hex,
         )

@@ -41,11 +41,17 @@ def output_names(task: str) -> list[str]:
 
 
 def export_onnx(wrapper: TrainablesAsInputs, task: str, trainables: dict[str, torch.Tensor], path: Path,
-                num_labels: int, hidden: int, max_seq: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    ids = torch.randint(5, 100, (2, 8), dtype=torch.long)
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 6:] = 0
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=MIN_SEQ, max=max_seq)
+                num_labels: int, hidden: int, max_seq: int, copies: int = 0) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    rows = 2 * max(copies, 1)
+    ids = torch.randint(5, 100, (rows, 8), dtype=torch.long)
+    mask = torch.ones(rows, 8, dtype=torch.long)
+    mask[1::2, 6:] = 0
+    if copies:  # batch = copies x per-copy rows
+        trainables = {k: v.unsqueeze(0).repeat(copies, *[1] * v.dim()).contiguous() for k, v in trainables.items()}
+        batch = copies * torch.export.Dim("rows_per_copy")
+    else:
+        batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", min=MIN_SEQ, max=max_seq)
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq},
                "trainables": {k: None for k in trainables}}
     names = [INPUT_IDS, ATTENTION_MASK, *trainables]

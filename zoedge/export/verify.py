@@ -50,14 +50,28 @@ def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int
     ids, mask = bundle.encoder(texts)
 
     session = create_session(bundle.path, m)
-    got = session.run(None, {"input_ids": ids, "attention_mask": mask, **trainables})
-    with torch.no_grad():
-        ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), {k: torch.from_numpy(v) for k, v in trainables.items()})
-    ref = [ref.numpy()] if isinstance(ref, torch.Tensor) else [r.numpy() for r in ref]
-    diff = float(max(np.abs(g - r).max() for g, r in zip(got, ref)))
-    if m.task == "classify":
-        agree = float(np.mean(got[0].argmax(-1) == ref[0].argmax(-1)))
-    else:  # per-row mean NLL within 1% counts as agreement
-        g, r = got[0] / np.maximum(got[1], 1), ref[0] / np.maximum(ref[1], 1)
-        agree = float(np.mean(np.abs(g - r) <= 0.01 * np.abs(r) + 1e-6))
-    return {"max_abs_diff": diff, "prediction_agreement": agree, "n": len(texts), "quantization": m.quantization}
+    # A copies bundle gets a different θ per copy; copy c's rows must match torch run with θ_c.
+    per_copy = [trainables] + [{k: v + np.float32(0.02 * c) * np.sign(v) for k, v in trainables.items()}
+                               for c in range(1, max(m.copies, 1))]
+    if m.copies:
+        feed = {k: np.stack([t[k] for t in per_copy]) for k in trainables}
+        got = session.run(None, {"input_ids": np.tile(ids, (m.copies, 1)), "attention_mask": np.tile(mask, (m.copies, 1)), **feed})
+        got_per_copy = [[o.reshape(m.copies, len(ids), *o.shape[1:])[c] for o in got] for c in range(m.copies)]
+    else:
+        got_per_copy = [session.run(None, {"input_ids": ids, "attention_mask": mask, **trainables})]
+    diff, agree_n = 0.0, []
+    for theta, got in zip(per_copy, got_per_copy):
+        with torch.no_grad():
+            ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), {k: torch.from_numpy(v) for k, v in theta.items()})
+        ref = [ref.numpy()] if isinstance(ref, torch.Tensor) else [r.numpy() for r in ref]
+        diff = max(diff, float(max(np.abs(g - r).max() for g, r in zip(got, ref))))
+        agree_n.append(_agreement(m.task, got, ref))
+    return {"max_abs_diff": diff, "prediction_agreement": float(np.mean(agree_n)), "n": len(texts),
+            "quantization": m.quantization}
+
+
+def _agreement(task: str, got: list[np.ndarray], ref: list[np.ndarray]) -> float:
+    if task == "classify":
+        return float(np.mean(got[0].argmax(-1) == ref[0].argmax(-1)))
+    g, r = got[0] / np.maximum(got[1], 1), ref[0] / np.maximum(ref[1], 1)  # per-row mean NLL within 1%
+    return float(np.mean(np.abs(g - r) <= 0.01 * np.abs(r) + 1e-6))

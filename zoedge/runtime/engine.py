@@ -60,9 +60,9 @@ def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0,
         raise ZoedgeError(f"{bundle_dir}: manifest trainable {missing[0]!r} is not an input of {MODEL_FILE}")
     for i in session.get_inputs():
         t = next((t for t in manifest.trainables if t.name == i.name), None)
-        if t is not None and list(i.shape) != list(t.shape):
-            raise ZoedgeError(f"{bundle_dir}: trainable {t.name!r} has shape {t.shape} in the manifest "
-                              f"but {list(i.shape)} in {MODEL_FILE}")
+        if t is not None and list(i.shape) != manifest.graph_shape(t):
+            raise ZoedgeError(f"{bundle_dir}: trainable {t.name!r} has shape {manifest.graph_shape(t)} in the "
+                              f"manifest but {list(i.shape)} in {MODEL_FILE}")
     return session
 
 

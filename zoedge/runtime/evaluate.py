@@ -20,13 +20,13 @@ def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None 
     m = bundle.manifest
     tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()
     dataset = load_dataset(data, m, limit)
-    fwd = BoundForward(create_session(bundle.path, m), tensors)
+    fwd = BoundForward(create_session(bundle.path, m), tensors, copies=m.copies)
     metrics = Evaluator(bundle, fwd, batch)(dataset)
     return {**metrics, "n": len(dataset.texts), "peak_rss_mb": round(peak_rss_mb(), 1),
             "patch": str(patch) if patch else None}
 
 
 def predict(bundle: Bundle, tensors: dict[str, np.ndarray], texts: list[str]) -> np.ndarray:
-    fwd = BoundForward(create_session(bundle.path, bundle.manifest), tensors)
+    fwd = BoundForward(create_session(bundle.path, bundle.manifest), tensors, copies=bundle.manifest.copies)
     (logits,) = Evaluator(bundle, fwd).outputs(texts, ("logits",))
     return logits

@@ -3,6 +3,10 @@
 Each trainable numpy array is wrapped once in an OrtValue that shares its memory and bound to the
 session's IOBinding; the optimizer then mutates the arrays in place and every run sees the new values.
 Only the token inputs are re-bound per call.
+
+Bundles exported with a copies axis (`export --copies C`) bind one (C, ...) buffer per trainable
+instead: `load_perturbations` fills copy 2i with θ+εz_i and 2i+1 with θ-εz_i for a batched ZO step;
+any other call first broadcasts θ into every copy and spreads the rows over the copies.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from zoedge.manifest import ATTENTION_MASK, INPUT_IDS
 
 
 class BoundForward:
-    def __init__(self, session: ort.InferenceSession, trainables: dict[str, np.ndarray]):
+    def __init__(self, session: ort.InferenceSession, trainables: dict[str, np.ndarray], copies: int = 0):
         self.session = session
         self.trainables = trainables
+        self.copies = copies
         self.io = session.io_binding()
         self._values = []  # keep the OrtValues (and so the shared buffers) alive
-        for name, arr in trainables.items():
+        self.buffers = {k: np.empty((copies, *v.shape), np.float32) for k, v in trainables.items()} if copies else trainables
+        for name, arr in self.buffers.items():
             assert arr.flags.c_contiguous and arr.dtype == np.float32, name
             value = ort.OrtValue.ortvalue_from_numpy(arr)
             self._values.append(value)
@@ -27,7 +33,32 @@ class BoundForward:
         self.calls = 0
         self.examples = 0
 
+    def load_perturbations(self, directions: list[dict[str, np.ndarray]], eps: float) -> None:
+        s = np.float32(eps)
+        for i, z in enumerate(directions):
+            for name, theta in self.trainables.items():
+                np.add(theta, s * z[name], out=self.buffers[name][2 * i])
+                np.subtract(theta, s * z[name], out=self.buffers[name][2 * i + 1])
+
+    def run_copies(self, ids: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
+        """One forward of the same batch under every copy's tensors; outputs shaped (copies, batch, ...)."""
+        c = self.copies
+        outs = self._run(np.tile(ids, (c, 1)), np.tile(mask, (c, 1)), outputs)
+        return [o.reshape(c, ids.shape[0], *o.shape[1:]) for o in outs]
+
     def __call__(self, ids: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
+        if not self.copies:
+            return self._run(ids, mask, outputs)
+        for name, theta in self.trainables.items():
+            self.buffers[name][:] = theta
+        n = ids.shape[0]
+        pad = (-n) % self.copies
+        if pad:
+            ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
+        return [o[:n] for o in self._run(ids, mask, outputs)]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         self.io.bind_cpu_input(INPUT_IDS, ids)
         self.io.bind_cpu_input(ATTENTION_MASK, mask)
         self.io.clear_binding_outputs()

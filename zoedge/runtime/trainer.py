@@ -95,9 +95,11 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
             raise ZoedgeError(f"bad --{name.replace('_', '-')}: must be >= 1")
     if not (cfg.lr > 0 and cfg.eps > 0):
         raise ZoedgeError("bad --lr/--eps: must be > 0")
-    if cfg.batched:
-        raise ZoedgeError("--batched needs a bundle exported with a LoRA copies axis (export --copies); "
+    if cfg.batched and not m.copies:
+        raise ZoedgeError("--batched needs a bundle exported with a copies axis (zoedge export --copies 2q); "
                           "this bundle has none")
+    if m.copies:  # a copies bundle always trains batched: q = copies / 2 perturbations per forward
+        cfg.batched, cfg.perturbations = True, m.copies // 2
     return cfg
 
 
@@ -177,10 +179,10 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     session = create_session(bundle.path, m)
     tensors = bundle.initial_trainables()
     roles = {t.name: t.role for t in m.trainables}
-    fwd = BoundForward(session, tensors)
+    fwd = BoundForward(session, tensors, copies=m.copies)
     evaluator = Evaluator(bundle, fwd)
     zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,
-                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=True)
+                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched)
     nbytes = sum(t.nbytes for t in tensors.values())
     dirs = DirectionCache([(n, tuple(t.shape)) for n, t in tensors.items()], keep=nbytes <= KEEP_Z_BYTES)
     opt = OptimizerState()
@@ -191,13 +193,20 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     if cfg.max_memory:
         batch = _plan_memory(bundle, fwd, parse_size(cfg.max_memory) / 2**20, batch, nbytes, cfg, log)
 
+    def loss_of(outs: list[np.ndarray], y) -> float:
+        if m.task == "classify":
+            return objectives.classification_loss(cfg.objective, outs[0], y)
+        return objectives.lm_loss(outs[0], outs[1])
+
     def loss_on(ids, mask, y) -> Callable[[], float]:
-        def f() -> float:
-            outs = fwd(ids, mask, train_outputs)
-            if m.task == "classify":
-                return objectives.classification_loss(cfg.objective, outs[0], y)
-            return objectives.lm_loss(outs[0], outs[1])
-        return f
+        return lambda: loss_of(fwd(ids, mask, train_outputs), y)
+
+    def batched_losses(ids, mask, y, step: int) -> list[float]:
+        """All 2q perturbed evaluations in one forward over the copies axis (P-RGE)."""
+        zs = [dict(dirs(run_seed, step, i)) for i in range(cfg.perturbations)]
+        fwd.load_perturbations(zs, cfg.eps)
+        outs = fwd.run_copies(ids, mask, train_outputs)
+        return [loss_of([o[c] for o in outs], y) for c in range(m.copies)]
 
     # ---- start: fresh (head start + eval) or from a checkpoint ----------------------------------
     state: dict[str, Any]
@@ -245,12 +254,16 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
         idx = batch_indices(run_seed, step, len(train_set.texts), batch)
         ids, mask = bundle.encoder([train_set.texts[i] for i in idx])
         y = train_set.labels[idx] if train_set.labels is not None else None
-        f = loss_on(ids, mask, y)
         grads, losses = [], []
-        for i in range(cfg.perturbations):
-            lp, lm = perturbation_cycle(tensors, dirs, run_seed, step, i, cfg.eps, loss_at=f)
-            grads.append((lp - lm) / (2 * cfg.eps))
-            losses += [lp, lm]
+        if cfg.batched:
+            losses = batched_losses(ids, mask, y, step)
+            grads = [(losses[2 * i] - losses[2 * i + 1]) / (2 * cfg.eps) for i in range(cfg.perturbations)]
+        else:
+            f = loss_on(ids, mask, y)
+            for i in range(cfg.perturbations):
+                lp, lm = perturbation_cycle(tensors, dirs, run_seed, step, i, cfg.eps, loss_at=f)
+                grads.append((lp - lm) / (2 * cfg.eps))
+                losses += [lp, lm]
         loss = float(np.mean(losses))
         if _diverged(losses, grads, state, cfg.objective):
             step = _rollback(snapshot, tensors, opt, trajectory, state)
