@@ -179,12 +179,13 @@ def eval_cmd(
     data: Path = typer.Option(..., help="Labelled data (TSV/CSV/JSONL)"),
     patch: Optional[Path] = typer.Option(None, help="Patch directory to apply"),
     limit: int = typer.Option(0, help="Use at most N examples (0 = all)"),
+    batch_size: int = typer.Option(16, help="Examples per forward"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
     """Score a bundle, with or without a patch."""
     from zoedge.runtime.evaluate import evaluate
 
-    r = evaluate(bundle, data, patch=patch, limit=limit)
+    r = evaluate(bundle, data, patch=patch, limit=limit, batch=batch_size)
     if json_out:
         print(json.dumps(r))
     else:

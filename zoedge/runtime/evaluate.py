@@ -15,7 +15,7 @@ from zoedge.runtime.trainer import Evaluator, load_dataset
 
 
 def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None = None, limit: int = 0,
-             batch: int = 64) -> dict:
+             batch: int = 16) -> dict:
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
     tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()

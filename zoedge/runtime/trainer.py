@@ -133,7 +133,7 @@ def load_dataset(path: str | Path, m: Manifest, limit: int = 0) -> Dataset:
 class Evaluator:
     """Accuracy / loss of the current tensors on a dataset, in batches."""
 
-    def __init__(self, bundle: Bundle, fwd: BoundForward, batch: int = 64):
+    def __init__(self, bundle: Bundle, fwd: BoundForward, batch: int = 16):
         self.bundle, self.fwd, self.batch = bundle, fwd, batch
 
     def outputs(self, texts: list[str], names: tuple[str, ...]) -> list[np.ndarray]:
@@ -180,7 +180,8 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     tensors = bundle.initial_trainables()
     roles = {t.name: t.role for t in m.trainables}
     fwd = BoundForward(session, tensors, copies=m.copies)
-    evaluator = Evaluator(bundle, fwd)
+    # Evaluate at the training batch size: onnxruntime's arena keeps the largest batch's memory.
+    evaluator = Evaluator(bundle, fwd, batch=cfg.batch_size)
     zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,
                       weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched)
     nbytes = sum(t.nbytes for t in tensors.values())
@@ -192,6 +193,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     batch = cfg.batch_size
     if cfg.max_memory:
         batch = _plan_memory(bundle, fwd, parse_size(cfg.max_memory) / 2**20, batch, nbytes, cfg, log)
+        evaluator.batch = batch
 
     def loss_of(outs: list[np.ndarray], y) -> float:
         if m.task == "classify":
