@@ -66,6 +66,7 @@ def export(
     target: str = typer.Option("cpu", help="cpu | pi | jetson | phone"),
     max_length: int = typer.Option(64, help="Maximum tokens per example"),
     copies: int = typer.Option(0, help="Give LoRA/head inputs a copies axis of this size (2q) for batched ZO"),
+    format: str = typer.Option("onnx", "--format", help="onnx | ort (ORT Mobile flatbuffer) | tflite (LiteRT)"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
 ) -> None:
@@ -75,7 +76,7 @@ def export(
     opts = ExportOptions(model=model, out=out, task=task, labels=_csv(labels) or [], label_words=_words(label_words),
                          prompt=prompt, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_targets=_csv(lora_targets) or [], quant=quant, calibration=calibration, target=target,
-                         max_length=max_length, force=force, copies=copies)
+                         max_length=max_length, force=force, copies=copies, format=format)
     validate(opts)
     log = (lambda m: print(m, file=sys.stderr)) if json_out else print
     m = export_bundle(opts, log=log)
@@ -195,3 +196,10 @@ def eval_cmd(
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+# Fleet commands (serve, device register, bundle publish, push, pull, sync, patch replay) live in their own
+# module; registered after `fail` / `one_line_errors` exist, which they use.
+from zoedge import fleet_cli  # noqa: E402
+
+fleet_cli.register(app)

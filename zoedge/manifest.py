@@ -30,6 +30,7 @@ TRAINABLE_KINDS = ("lora", "head", "bias", "full")
 ROLES = ("lora_A", "lora_B", "head", "bias", "norm", "weight")
 QUANT_MODES = ("fp32", "fp16", "int8", "int8-static", "int4")
 TARGETS = ("cpu", "pi", "jetson", "phone")
+FORMATS = ("onnx", "ort", "tflite")  # model file formats: ONNX, ORT flatbuffer (ORT Mobile), TFLite / LiteRT
 
 # Graph input / output names the runtime relies on.
 INPUT_IDS = "input_ids"
@@ -90,6 +91,9 @@ class Manifest:
     truncation_side: str = "right"
     lora: LoraSpec | None = None
     copies: int = 0  # >0: every trainable graph input has a leading copies axis (batched perturbations)
+    model_format: str = "onnx"  # one of FORMATS
+    model_file: str = MODEL_FILE
+    signature: dict[str, Any] = field(default_factory=dict)  # tflite: graph input name -> signature input name
     quantization: str = "fp32"
     quantization_details: dict[str, Any] = field(default_factory=dict)
     target: str = "cpu"
@@ -105,6 +109,10 @@ class Manifest:
             raise ZoedgeError(f"manifest: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
         if self.kind not in KINDS:
             raise ZoedgeError(f"manifest: unknown model kind {self.kind!r}")
+        if self.model_format not in FORMATS:
+            raise ZoedgeError(f"manifest: unknown model format {self.model_format!r}")
+        if "/" in self.model_file or "\\" in self.model_file or self.model_file.startswith("."):
+            raise ZoedgeError(f"manifest: bad model file name {self.model_file!r}")
         if self.quantization not in QUANT_MODES:
             raise ZoedgeError(f"manifest: unknown quantization {self.quantization!r}")
         if self.task == "classify" and len(self.labels) < 2:

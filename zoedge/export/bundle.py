@@ -18,7 +18,7 @@ import numpy as np
 import zoedge
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import (
-    MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Manifest, sha256_file,
+    FORMATS, MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Manifest, sha256_file,
 )
 from zoedge.runtime.tensors import save_tensors, tensor_digest
 
@@ -48,6 +48,7 @@ class ExportOptions:
     force: bool = False
     seed: int = 0
     copies: int = 0
+    format: str = "onnx"  # onnx | ort | tflite
 
 
 def providers_for(target: str, out: Path) -> list[dict]:
@@ -82,6 +83,12 @@ def validate(opts: ExportOptions) -> None:
         raise ZoedgeError(f"bad --label-words: {len(opts.label_words)} words for {len(opts.labels)} labels")
     if opts.prompt is not None and "{sentence}" not in opts.prompt:
         raise ZoedgeError("bad --prompt: the template must contain {sentence}")
+    if opts.format not in FORMATS:
+        raise ZoedgeError(f"bad --format {opts.format!r}: choose one of {', '.join(FORMATS)}")
+    if opts.format == "tflite" and opts.quant not in (None, "fp32", "int8"):
+        raise ZoedgeError("bad --quant for --format tflite: fp32 or int8 (the converter's dynamic-range int8)")
+    if opts.format == "tflite" and opts.copies:
+        raise ZoedgeError("bad --copies: not supported with --format tflite")
     if opts.copies and (opts.copies < 2 or opts.copies % 2):
         raise ZoedgeError(f"bad --copies {opts.copies}: an even number >= 2 (two per perturbation)")
     if opts.copies:
@@ -147,26 +154,40 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        log(f"exporting ONNX ({len(sel.trainables)} trainable tensors, "
-            f"{sum(int(np.prod(t.shape)) for t in sel.trainables):,} values) ...")
         if opts.copies:
             from zoedge.export.copies import enable_copies
 
             enable_copies(sel.module, list(sel.param_names.values()), kinds)
         wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
-        fp32_path = tmp / "model.fp32.onnx"
-        inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels),
-                                      src.model.config.hidden_size, max_seq, opts.copies)
+        n_values = sum(int(np.prod(t.shape)) for t in sel.trainables)
         details: dict = {}
-        if quant == "fp32":
-            fp32_path.rename(tmp / MODEL_FILE)
+        model_file, signature = MODEL_FILE, {}
+        if opts.format == "tflite":
+            from zoedge.export.tflite import convert_to_tflite
+
+            log(f"converting to TFLite with litert-torch ({len(sel.trainables)} trainable tensors, {n_values:,} values) ...")
+            model_file = TFLITE_FILE
+            inputs, outputs, signature, details = convert_to_tflite(
+                wrapper, opts.task, initial, tmp / TFLITE_FILE, quantize=(quant == "int8"), num_labels=len(opts.labels),
+                hidden=src.model.config.hidden_size)
         else:
-            log(f"quantizing ({quant}) ...")
-            feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
-            details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds)
-            if feeds is not None:
-                details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"
-            fp32_path.unlink()
+            log(f"exporting ONNX ({len(sel.trainables)} trainable tensors, {n_values:,} values) ...")
+            fp32_path = tmp / "model.fp32.onnx"
+            inputs, outputs = export_onnx(wrapper, opts.task, initial, fp32_path, len(opts.labels),
+                                          src.model.config.hidden_size, max_seq, opts.copies)
+            if quant == "fp32":
+                fp32_path.rename(tmp / MODEL_FILE)
+            else:
+                log(f"quantizing ({quant}) ...")
+                feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
+                details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds)
+                if feeds is not None:
+                    details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"
+                fp32_path.unlink()
+            if opts.format == "ort":
+                model_file = ORT_FILE
+                to_ort_format(tmp / MODEL_FILE, tmp / ORT_FILE)
+                (tmp / MODEL_FILE).unlink()
         arrays = {k: v.numpy() for k, v in initial.items()}
         save_tensors(arrays, tmp / TRAINABLE_FILE)
         _save_tokenizer(src.tokenizer, tmp / TOKENIZER_FILE)
@@ -177,7 +198,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             model_source=src.source, num_parameters=sum(p.numel() for p in src.model.parameters()),
             labels=list(opts.labels) if opts.task == "classify" else [],
             label_words=list(label_words), label_token_ids=label_ids, prompt_template=prompt,
-            truncation_side=truncation_side, lora=sel.lora, copies=opts.copies, quantization=quant, quantization_details=details,
+            truncation_side=truncation_side, lora=sel.lora, copies=opts.copies, model_format=opts.format,
+            model_file=model_file, signature=signature, quantization=quant, quantization_details=details,
             target=opts.target, providers=providers_for(opts.target, out),
             zoedge_version=zoedge.__version__, bundle_id=uuid.uuid4().hex,
         )
@@ -188,6 +210,23 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+ORT_FILE = "model.ort"
+TFLITE_FILE = "model.tflite"
+
+
+def to_ort_format(src: Path, dst: Path) -> None:
+    """ORT flatbuffer format for ORT Mobile (what onnxruntime.tools.convert_onnx_models_to_ort writes)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+    if not dst.is_file():
+        raise ZoedgeError("ORT format conversion wrote no file")
 
 
 def _save_tokenizer(tokenizer, path: Path) -> None:

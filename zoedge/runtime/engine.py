@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from zoedge.errors import ZoedgeError
-from zoedge.manifest import MODEL_FILE, Manifest
+from zoedge.manifest import Manifest
 
 
 def provider_plan(manifest: Manifest, bundle_dir: Path, warn=None) -> tuple[list[str], list[dict]]:
@@ -40,9 +40,11 @@ def _stderr(msg: str) -> None:
 
 def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0, warn=None) -> ort.InferenceSession:
     bundle_dir = Path(bundle_dir)
-    path = bundle_dir / MODEL_FILE
+    if manifest.model_format == "tflite":
+        raise ZoedgeError(f"{bundle_dir}: a TFLite bundle runs on the LiteRT backend, not onnxruntime")
+    path = bundle_dir / manifest.model_file
     if not path.is_file():
-        raise ZoedgeError(f"{bundle_dir}: missing {MODEL_FILE}")
+        raise ZoedgeError(f"{bundle_dir}: missing {manifest.model_file}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
     threads = threads or int(os.environ.get("ZOEDGE_THREADS", "0") or 0)
@@ -62,7 +64,7 @@ def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0,
         t = next((t for t in manifest.trainables if t.name == i.name), None)
         if t is not None and list(i.shape) != manifest.graph_shape(t):
             raise ZoedgeError(f"{bundle_dir}: trainable {t.name!r} has shape {manifest.graph_shape(t)} in the "
-                              f"manifest but {list(i.shape)} in {MODEL_FILE}")
+                              f"manifest but {list(i.shape)} in {manifest.model_file}")
     return session
 
 

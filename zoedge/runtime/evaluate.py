@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from zoedge.runtime.bundle import Bundle
-from zoedge.runtime.engine import create_session
-from zoedge.runtime.forward import BoundForward
+from zoedge.runtime.forward import open_forward
 from zoedge.runtime.memory import peak_rss_mb
 from zoedge.runtime.patch import load_patch_tensors
 from zoedge.runtime.trainer import Evaluator, load_dataset
@@ -20,13 +19,13 @@ def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None 
     m = bundle.manifest
     tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()
     dataset = load_dataset(data, m, limit)
-    fwd = BoundForward(create_session(bundle.path, m), tensors, copies=m.copies)
+    fwd = open_forward(bundle, tensors)
     metrics = Evaluator(bundle, fwd, batch)(dataset)
     return {**metrics, "n": len(dataset.texts), "peak_rss_mb": round(peak_rss_mb(), 1),
             "patch": str(patch) if patch else None}
 
 
 def predict(bundle: Bundle, tensors: dict[str, np.ndarray], texts: list[str]) -> np.ndarray:
-    fwd = BoundForward(create_session(bundle.path, bundle.manifest), tensors, copies=bundle.manifest.copies)
+    fwd = open_forward(bundle, tensors)
     (logits,) = Evaluator(bundle, fwd).outputs(texts, ("logits",))
     return logits

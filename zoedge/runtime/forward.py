@@ -68,3 +68,19 @@ class BoundForward:
         self.calls += 1
         self.examples += ids.shape[0]
         return self.io.copy_outputs_to_cpu()
+
+
+def open_forward(bundle, tensors: dict[str, np.ndarray]):
+    """The forward engine for a bundle: onnxruntime (ONNX or ORT format) or LiteRT (TFLite).
+
+    Every engine has the same call shape (ids, mask, outputs) -> arrays and reads the trainable arrays
+    that the optimizer mutates in place, so the ZO code does not care which engine runs the forward.
+    """
+    m = bundle.manifest
+    if m.model_format == "tflite":
+        from zoedge.runtime.tflite_forward import TFLiteForward
+
+        return TFLiteForward(bundle.path, m, tensors)
+    from zoedge.runtime.engine import create_session
+
+    return BoundForward(create_session(bundle.path, m), tensors, copies=m.copies)

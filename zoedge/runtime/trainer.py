@@ -21,8 +21,7 @@ from zoedge.runtime import objectives
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from zoedge.runtime.data import label_indices, read_examples
-from zoedge.runtime.engine import create_session
-from zoedge.runtime.forward import BoundForward
+from zoedge.runtime.forward import BoundForward, open_forward
 from zoedge.runtime.memory import current_rss_mb, parse_size, peak_rss_mb, plan_batch
 from zoedge.runtime.patch import PATCH_FILE, write_patch
 from zoedge.runtime.probe import fit_linear_probe
@@ -176,10 +175,9 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     train_set = load_dataset(data, m)
     eval_set = load_dataset(eval_path, m, cfg.eval_limit) if eval_path else None
 
-    session = create_session(bundle.path, m)
     tensors = bundle.initial_trainables()
     roles = {t.name: t.role for t in m.trainables}
-    fwd = BoundForward(session, tensors, copies=m.copies)
+    fwd = open_forward(bundle, tensors)
     # Evaluate at the training batch size: onnxruntime's arena keeps the largest batch's memory.
     evaluator = Evaluator(bundle, fwd, batch=cfg.batch_size)
     zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,

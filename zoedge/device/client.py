@@ -1,0 +1,223 @@
+"""HTTP client of the fleet server (httpx), with retries and exponential backoff.
+
+Connection errors, timeouts, 429 and 5xx are retried (`retries` times, waiting backoff·2^k, or the server's
+Retry-After); other 4xx answers fail at once with the server's one-line reason. Patch uploads go through
+the outbox first, so nothing is lost when the server is down: `sync` sends what is queued.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+
+from zoedge.device.archive import unpack
+from zoedge.device.outbox import Outbox, OutboxEntry
+from zoedge.device.patchdir import PATCH_FILES, inspect_patch_dir
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import sha256_file
+
+SHA256_HEADER = "X-Zoedge-Sha256"
+FORMAT_HEADER = "X-Zoedge-Format"
+RETRY_STATUSES = {429, 500, 502, 503, 504}
+CONTENT_REJECTED = {400, 409, 413, 422}  # the upload itself is refused: retrying the same bytes cannot help
+
+
+class FleetError(ZoedgeError):
+    """The server answered with an error (status set) or could not be reached (status None)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServerUnreachable(FleetError):
+    pass
+
+
+@dataclass
+class SyncResult:
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[OutboxEntry, str]] = field(default_factory=list)
+
+
+class FleetClient:
+    def __init__(self, server: str, token: Optional[str] = None, *, retries: int = 4, backoff: float = 0.5,
+                 max_backoff: float = 30.0, timeout: float = 60.0, transport: Optional[httpx.BaseTransport] = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.server = server.rstrip("/")
+        self.retries, self.backoff, self.max_backoff, self.sleep = retries, backoff, max_backoff, sleep
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "FleetClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- transport -----------------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, idempotent: bool = True, body_file: Optional[Path] = None,
+                **kw: Any) -> httpx.Response:
+        """One API call with retries; raises FleetError on an error answer, ServerUnreachable at the end."""
+        last = ""
+        for attempt in range(self.retries + 1):
+            wait = min(self.max_backoff, self.backoff * 2 ** attempt)
+            try:
+                if body_file is not None:
+                    with open(body_file, "rb") as f:
+                        r = self.http.request(method, path, content=f, **kw)
+                else:
+                    r = self.http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                last = f"{type(e).__name__}: {e}"
+            except httpx.TransportError as e:  # the request may have reached the server
+                if not idempotent:
+                    raise ServerUnreachable(f"{self.server}: connection lost ({type(e).__name__}: {e})") from None
+                last = f"{type(e).__name__}: {e}"
+            else:
+                if r.status_code < 400:
+                    return r
+                if r.status_code not in RETRY_STATUSES or (not idempotent and r.status_code != 429):
+                    raise FleetError(f"{self.server} refused {method} {path} ({r.status_code}): {_detail(r)}",
+                                     r.status_code)
+                last = f"{r.status_code}: {_detail(r)}"
+                retry_after = r.headers.get("Retry-After", "")
+                if retry_after.isdigit():
+                    wait = min(self.max_backoff, max(wait, float(retry_after)))
+            if attempt < self.retries:
+                self.sleep(wait)
+        raise ServerUnreachable(f"cannot reach {self.server} after {self.retries + 1} attempts ({last})")
+
+    # ---- admin ---------------------------------------------------------------------------------------
+    def register_device(self, name: str) -> dict[str, Any]:
+        """(admin token) Register a device: {"device_id", "name", "token"}."""
+        return self.request("POST", "/v1/devices", json={"name": name}, idempotent=False).json()
+
+    def publish_bundle(self, bundle_dir: str | Path) -> dict[str, Any]:
+        """(admin token) Upload a bundle directory as a tar; idempotent."""
+        from zoedge.device.archive import pack
+        from zoedge.manifest import Manifest
+
+        Manifest.load(bundle_dir)  # fail early, locally, on a directory that is no bundle
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "bundle.tar"
+            sha, size = pack(bundle_dir, archive)
+            r = self.request("POST", "/v1/bundles", body_file=archive,
+                             headers={SHA256_HEADER: sha, "Content-Type": "application/octet-stream",
+                                      "Content-Length": str(size)})
+        return r.json()
+
+    def aggregate(self, bundle_id: str, patch_ids: list[str]) -> dict[str, Any]:
+        return self.request("POST", f"/v1/bundles/{bundle_id}/aggregate", json={"patch_ids": patch_ids},
+                            idempotent=False).json()
+
+    # ---- device --------------------------------------------------------------------------------------
+    def upload_archive(self, archive: Path, sha256: str, fmt: Optional[str] = None) -> dict[str, Any]:
+        headers = {SHA256_HEADER: sha256, "Content-Type": "application/octet-stream",
+                   "Content-Length": str(archive.stat().st_size)}
+        if fmt:
+            headers[FORMAT_HEADER] = fmt
+        return self.request("POST", "/v1/patches", body_file=archive, headers=headers).json()
+
+    def push(self, patch_dir: str | Path, fmt: str, outbox: Outbox) -> dict[str, Any]:
+        """Queue the patch in the outbox, then send it. On failure it stays queued (unless refused).
+        Holds the outbox lock, so a concurrent push or sync of the same entry waits instead of racing."""
+        with outbox.locked():
+            entry = outbox.enqueue_patch(patch_dir, fmt)
+            return self.send(entry, outbox)
+
+    def send(self, entry: OutboxEntry, outbox: Outbox) -> dict[str, Any]:
+        try:
+            result = self.upload_archive(outbox.archive_path(entry.sha256), entry.sha256, entry.format)
+        except FleetError as e:
+            if e.status in CONTENT_REJECTED:
+                where = outbox.reject(entry, str(e))
+                raise FleetError(f"{e} (moved to {where})", e.status) from None
+            outbox.record_attempt(entry, str(e))
+            if isinstance(e, ServerUnreachable):
+                raise ServerUnreachable(f"{e}; the patch stays queued in {outbox.root} (run `zoedge sync`)") from None
+            raise
+        outbox.remove(entry)
+        return result
+
+    def sync(self, outbox: Outbox) -> SyncResult:
+        """Send every queued patch, oldest first. Stops early when the server is unreachable."""
+        result = SyncResult()
+        with outbox.locked():
+            for entry in outbox.entries():
+                try:
+                    result.sent.append(self.send(entry, outbox))
+                except ServerUnreachable as e:
+                    result.failed.append((entry, str(e)))
+                    break
+                except FleetError as e:
+                    result.failed.append((entry, str(e)))
+        return result
+
+    def list_patches(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self.request("GET", "/v1/patches", params=params).json()
+
+    def get_patch(self, patch_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/patches/{patch_id}").json()
+
+    def pull(self, patch_id: str, out: str | Path) -> dict[str, Any]:
+        """Download a patch into out (absent or empty), checked against its sha256s; the complete
+        directory appears at once (renamed from a temporary sibling)."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ZoedgeError(f"--out {out}: exists and is not an empty directory")
+        meta = self.get_patch(patch_id)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            archive = Path(tmp) / "patch.tar"
+            self.download(f"/v1/patches/{patch_id}/archive", archive)
+            if sha256_file(archive) != meta["archive_sha256"]:
+                raise FleetError(f"downloaded patch {patch_id} does not match its sha256 (corrupted in transit)")
+            unpack(archive, Path(tmp) / "patch", allowed=PATCH_FILES)
+            inspect_patch_dir(Path(tmp) / "patch")
+            if out.exists():
+                out.rmdir()
+            os.rename(Path(tmp) / "patch", out)
+        return meta
+
+    def download(self, path: str, dest: Path) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                with self.http.stream("GET", path) as r:
+                    if r.status_code >= 400 and r.status_code not in RETRY_STATUSES:
+                        r.read()
+                        raise FleetError(f"{self.server} refused GET {path} ({r.status_code}): {_detail(r)}",
+                                         r.status_code)
+                    if r.status_code < 400:
+                        with open(dest, "wb") as f:
+                            for chunk in r.iter_bytes(1 << 20):
+                                f.write(chunk)
+                        return
+                    last = f"{r.status_code}"
+            except httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < self.retries:
+                self.sleep(min(self.max_backoff, self.backoff * 2 ** attempt))
+        raise ServerUnreachable(f"cannot download {path} from {self.server} after {self.retries + 1} attempts ({last})")
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        detail = r.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list) and detail:  # FastAPI validation errors
+        first = detail[0]
+        detail = f"{'.'.join(map(str, first.get('loc', [])))}: {first.get('msg')}"
+    text = str(detail or r.reason_phrase or r.text[:200] or "")
+    return text.splitlines()[0] if text else ""

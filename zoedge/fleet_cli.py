@@ -1,0 +1,198 @@
+"""The fleet commands of the `zoedge` CLI: serve, device register, bundle publish, push, pull, sync,
+patch replay. `register(app)` adds them to the typer app of zoedge.cli (idempotent).
+
+With --json the last stdout line is one JSON object. Errors are one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from zoedge.cli import fail, one_line_errors
+
+SERVER_HELP = "Fleet server URL, e.g. http://127.0.0.1:8080"
+
+
+def _emit(result: dict[str, Any], json_out: bool, human: str) -> None:
+    print(json.dumps(result) if json_out else human)
+
+
+def _client(server: str, token: str):
+    from zoedge.device.client import FleetClient
+
+    return FleetClient(server, token)
+
+
+@one_line_errors
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)"),
+    port: int = typer.Option(8080, help="TCP port"),
+    db: Optional[str] = typer.Option(None, "--db", help="Database URL (default: SQLite in --data-dir; "
+                                                        "postgresql://user:pw@host/db)"),
+    data_dir: Optional[Path] = typer.Option(None, help="Blobs, bundles, SQLite file (default: ./zoedge-data "
+                                                       "or $ZOEDGE_DATA_DIR)"),
+    admin_token: Optional[str] = typer.Option(None, help="Admin bearer token (default: $ZOEDGE_ADMIN_TOKEN, "
+                                                         "else a random one, printed)"),
+) -> None:
+    """Run the fleet server (FastAPI + uvicorn): devices push patches, the admin publishes and aggregates."""
+    try:
+        import uvicorn
+
+        from zoedge.server.app import create_app
+        from zoedge.server.settings import Settings
+    except ImportError as e:
+        fail(f"`zoedge serve` needs the server extra ({e.name} is missing): pip install 'zoedge[server]'")
+    overrides: dict[str, Any] = {}
+    if db:
+        overrides["database_url"] = db
+    if data_dir:
+        overrides["data_dir"] = data_dir
+    if admin_token:
+        overrides["admin_token"] = admin_token
+    settings = Settings(**overrides)
+    if not settings.admin_token:
+        settings.admin_token = secrets.token_urlsafe(24)
+        print(f"zoedge: admin token (set --admin-token or ZOEDGE_ADMIN_TOKEN to choose it): "
+              f"{settings.admin_token}", file=sys.stderr)
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@one_line_errors
+def device_register(
+    server: str = typer.Option(..., help=SERVER_HELP),
+    admin_token: str = typer.Option(..., help="The server's admin token"),
+    name: str = typer.Option(..., help="A name for the device"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Register a device; prints its id and bearer token (shown once)."""
+    with _client(server, admin_token) as c:
+        r = c.register_device(name)
+    _emit({"device_id": r["device_id"], "token": r["token"]}, json_out,
+          f"device {r['device_id']} ({name})\ntoken: {r['token']}")
+
+
+@one_line_errors
+def bundle_publish(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    server: str = typer.Option(..., help=SERVER_HELP),
+    admin_token: str = typer.Option(..., help="The server's admin token"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Publish a bundle to the server (idempotent)."""
+    with _client(server, admin_token) as c:
+        r = c.publish_bundle(bundle)
+    _emit({"bundle_id": r["bundle_id"], "sha256": r["sha256"], "bytes": r["bytes"]}, json_out,
+          f"published bundle {r['bundle_id']} ({r['model_id']}, {r['bytes'] / 1e6:.1f} MB)")
+
+
+@one_line_errors
+def push(
+    patch: Path = typer.Argument(..., help="Patch directory (written by `zoedge train`)"),
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: str = typer.Option(..., help="This device's token"),
+    format: str = typer.Option("adapter", "--format", help="adapter (the tensors) | trajectory "
+                                                          "(a few KB; the server replays it)"),
+    outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Upload a patch (queued in the outbox first: if the server is unreachable, `zoedge sync` sends it later)."""
+    from zoedge.device.outbox import Outbox
+
+    with _client(server, token) as c:
+        r = c.push(patch, format, Outbox(outbox))
+    _emit({"patch_id": r["patch_id"], "sha256": r["sha256"], "bytes": r["bytes"]}, json_out,
+          f"pushed {patch} as patch {r['patch_id']} ({r['kind']}, {r['bytes']:,} bytes)")
+
+
+@one_line_errors
+def pull(
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: str = typer.Option(..., help="This device's token"),
+    patch_id: str = typer.Option(..., "--patch", help="Patch id (your own or a global one)"),
+    out: Path = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Download a patch directory, checked against its sha256."""
+    with _client(server, token) as c:
+        r = c.pull(patch_id, out)
+    _emit({"patch_id": r["patch_id"], "out": str(out), "kind": r["kind"], "version": r["version"],
+           "sha256": r["archive_sha256"]}, json_out, f"pulled patch {r['patch_id']} ({r['kind']}) into {out}")
+
+
+@one_line_errors
+def sync(
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: str = typer.Option(..., help="This device's token"),
+    outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Send every patch queued in the outbox."""
+    from zoedge.device.outbox import Outbox
+
+    box = Outbox(outbox)
+    with _client(server, token) as c:
+        r = c.sync(box)
+    summary = {"sent": [p["patch_id"] for p in r.sent], "failed": len(r.failed), "queued": len(box.entries())}
+    _emit(summary, json_out, f"sent {len(r.sent)} patch(es), {summary['queued']} still queued")
+    if r.failed:
+        fail(f"{len(r.failed)} patch(es) not sent: {r.failed[0][1]}")
+
+
+@one_line_errors
+def patch_replay(
+    patch: Path = typer.Argument(..., help="Patch directory with trajectory.npy"),
+    bundle: Path = typer.Option(..., help="The bundle the patch was trained on"),
+    out: Path = typer.Option(..., "--out", help="Directory to write the complete patch to (absent or empty)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Rebuild a patch's adapter tensors from its trajectory, offline (numpy only), bit-exactly."""
+    from zoedge.device.patchdir import FORMAT_FILES, complete_patch_dir, load_patch_json
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"--out {out}: exists and is not an empty directory")
+    load_patch_json(patch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        work = Path(tmp) / "patch"
+        work.mkdir()
+        for name in FORMAT_FILES["trajectory"]:
+            if (patch / name).is_file():
+                shutil.copyfile(patch / name, work / name)
+        doc = complete_patch_dir(work, bundle)
+        if out.exists():
+            out.rmdir()
+        os.rename(work, out)
+    _emit({"out": str(out), "adapter_sha256": doc["adapter_sha256"], "steps": doc.get("steps")}, json_out,
+          f"replayed {doc.get('steps')} steps into {out} (adapter {doc['adapter_sha256'][:12]} matches)")
+
+
+def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
+    """The sub-command group `name` of app, created if absent (another module may have made it)."""
+    for info in app.registered_groups:
+        if info.name == name and info.typer_instance is not None:
+            return info.typer_instance
+    group = typer.Typer(no_args_is_help=True, help=help)
+    app.add_typer(group, name=name)
+    return group
+
+
+def register(app: typer.Typer) -> None:
+    """Add the fleet commands to the zoedge CLI app (a second call does nothing)."""
+    if any(getattr(c, "name", None) == "push" for c in app.registered_commands):
+        return
+    app.command("serve")(serve)
+    app.command("push")(push)
+    app.command("pull")(pull)
+    app.command("sync")(sync)
+    _group(app, "device", "Devices of the fleet.").command("register")(device_register)
+    _group(app, "bundle", "Bundles on the fleet server.").command("publish")(bundle_publish)
+    _group(app, "patch", "Patches.").command("replay")(patch_replay)

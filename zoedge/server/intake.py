@@ -1,0 +1,127 @@
+"""Accepting bundles and patches: unpack into a scratch directory, check everything, and only then store
+the blobs and add the row. A rejected upload leaves no row and no blob."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from fastapi import HTTPException, status
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from zoedge.device.archive import pack, unpack
+from zoedge.device.patchdir import PATCH_FILES, complete_patch_dir, inspect_patch_dir
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import MANIFEST_FILE, Manifest
+from zoedge.runtime.bundle import Bundle as RuntimeBundle, check_trainables
+from zoedge.runtime.patch import ADAPTER_FILE, PATCH_FILE, check_patch_fits
+from zoedge.runtime.tensors import load_tensors, tensor_digest
+from zoedge.server.models import Bundle, Patch
+from zoedge.server.state import ServerState
+
+
+# ---- bundles ----------------------------------------------------------------------------------------
+def ingest_bundle(state: ServerState, upload: Path, sha256: str, size: int) -> tuple[Bundle, bool]:
+    with state.blobs.temp_dir() as work:
+        unpack(upload, work / "b", max_bytes=4 * state.settings.max_bundle_bytes)
+        RuntimeBundle.open(work / "b")  # manifest, every file against its sha256, tokenizer
+        manifest = Manifest.load(work / "b")
+        if not manifest.bundle_id:
+            raise ZoedgeError(f"{MANIFEST_FILE}: the bundle has no bundle_id (re-export it)")
+        with state.sessions() as db:
+            existing = db.get(Bundle, manifest.bundle_id)
+            if existing is not None:
+                if existing.manifest.get("files") != manifest.files:
+                    raise HTTPException(status.HTTP_409_CONFLICT,
+                                        f"bundle {manifest.bundle_id} is already published with other content")
+                return existing, False
+            state.blobs.put_file(upload, sha256)
+            target = state.settings.data_dir / "bundles" / manifest.bundle_id
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                os.rename(work / "b", target)
+            row = Bundle(id=manifest.bundle_id, model_id=manifest.model_id, base_sha256=manifest.base_sha256,
+                         initial_sha256=manifest.initial_sha256, manifest=manifest.to_dict(), sha256=sha256,
+                         bytes=size)
+            db.add(row)
+            try:
+                db.commit()
+            except IntegrityError:  # published concurrently
+                db.rollback()
+                return db.get(Bundle, manifest.bundle_id), False
+            return row, True
+
+
+# ---- patches ----------------------------------------------------------------------------------------
+def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, size: int,
+                 expected_format: Optional[str] = None) -> tuple[Patch, bool]:
+    """Check an uploaded patch archive and store it; (row, created). Idempotent by the archive's sha256."""
+    with state.sessions() as db:
+        existing = _existing_patch(db, sha256, device_id)
+        if existing is not None:
+            return existing, False
+        with state.blobs.temp_dir() as work:
+            pdir = work / "patch"
+            unpack(upload, pdir, allowed=PATCH_FILES, max_bytes=4 * state.settings.max_upload_bytes)
+            doc, fmt = inspect_patch_dir(pdir)
+            if expected_format and fmt != expected_format:
+                raise ZoedgeError(f"declared format {expected_format} but the archive is a {fmt} patch")
+            bundle = _bundle_for(db, doc)
+            manifest = Manifest.from_dict(bundle.manifest)
+            check_patch_fits(doc, manifest, "patch")
+            if fmt == "trajectory":  # replay against the bundle; serve the complete directory
+                complete_patch_dir(pdir, state.bundle_dir(bundle))
+            tensors = check_trainables(manifest, load_tensors(pdir / ADAPTER_FILE), ADAPTER_FILE)
+            if tensor_digest(tensors) != doc.get("adapter_sha256"):
+                raise ZoedgeError(f"the adapter tensors do not match adapter_sha256 in {PATCH_FILE}")
+            if fmt == "trajectory":
+                served = work / "complete.tar"
+                served_sha, _ = pack(pdir, served)
+            else:
+                served, served_sha = upload, sha256
+            row = Patch(device_id=device_id, bundle_id=bundle.id, kind=fmt, sha256=sha256, bytes=size,
+                        archive_sha256=served_sha, adapter_sha256=doc["adapter_sha256"],
+                        version=latest_global_version(db, bundle.id), steps=int(doc.get("steps", 0)),
+                        examples=int(doc.get("examples", 0)), metrics=doc.get("metrics") or {})
+            row.adapter_blob = state.blobs.put_copy(pdir / ADAPTER_FILE)
+            if served is not upload:
+                state.blobs.put_file(served, served_sha)
+            state.blobs.put_file(upload, sha256)
+        db.add(row)
+        try:
+            db.commit()
+        except IntegrityError:  # the same archive arrived concurrently
+            db.rollback()
+            existing = _existing_patch(db, sha256, device_id)
+            if existing is None:
+                raise
+            return existing, False
+        return row, True
+
+
+def _existing_patch(db: Session, sha256: str, device_id: str) -> Optional[Patch]:
+    existing = db.scalar(select(Patch).where(Patch.sha256 == sha256))
+    if existing is not None and existing.device_id != device_id:
+        raise HTTPException(status.HTTP_409_CONFLICT, "this patch archive was already uploaded by another device")
+    return existing
+
+
+def _bundle_for(db: Session, doc: dict) -> Bundle:
+    bundle_id = doc.get("bundle_id")
+    bundle = db.get(Bundle, bundle_id) if isinstance(bundle_id, str) and bundle_id else None
+    if bundle is None:
+        bundle = db.scalar(select(Bundle).where(Bundle.base_sha256 == str(doc.get("base_sha256")),
+                                                Bundle.initial_sha256 == str(doc.get("initial_sha256")))
+                           .order_by(Bundle.created.desc()).limit(1))
+    if bundle is None:
+        raise ZoedgeError(f"no published bundle fits this patch (model {doc.get('model_id')}, base "
+                          f"{str(doc.get('base_sha256'))[:12]}); publish the bundle first")
+    return bundle
+
+
+def latest_global_version(db: Session, bundle_id: str) -> int:
+    return db.scalar(select(func.coalesce(func.max(Patch.version), 0))
+                     .where(Patch.bundle_id == bundle_id, Patch.kind == "global")) or 0

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; `zoedge.server.app` mounts them under /v1."""

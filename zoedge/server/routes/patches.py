@@ -1,0 +1,105 @@
+"""Patches: devices upload theirs (adapter or trajectory archives) and read their own and the global ones."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy import or_, select
+
+from zoedge.errors import ZoedgeError
+from zoedge.server.deps import CallerDep, DeviceDep, SessionDep, StateDep
+from zoedge.server.intake import ingest_patch
+from zoedge.server.models import Patch
+from zoedge.server.schemas import PatchOut
+from zoedge.server.uploads import (
+    FORMAT_HEADER, RAW_ARCHIVE_BODY, SHA256_HEADER, check_declared_sha256, receive_body,
+)
+
+router = APIRouter(prefix="/patches", tags=["patches"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=PatchOut, openapi_extra=RAW_ARCHIVE_BODY)
+async def upload_patch(request: Request, response: Response, state: StateDep, device: DeviceDep,
+                       format: Optional[Literal["adapter", "trajectory"]] = Query(
+                           None, description=f"expected format (also header {FORMAT_HEADER}); default: detect")) -> Patch:
+    """Upload a patch archive. `adapter`: patch.json + adapter_model.safetensors (+ adapter_config.json,
+    start.safetensors). `trajectory`: patch.json + trajectory.npy (+ start.safetensors); the server replays
+    it against the bundle and stores the rebuilt adapter. The same archive again answers 200 with the
+    existing patch (uploads are idempotent by sha256)."""
+    wait = state.limiter.retry_after(device.id)
+    if wait:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many uploads from this device; slow down",
+                            headers={"Retry-After": str(int(wait) + 1)})
+    expected = format or request.headers.get(FORMAT_HEADER) or None
+    if expected not in (None, "adapter", "trajectory"):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown patch format {expected!r}")
+    metrics = state.metrics
+    with state.blobs.temp_file(".upload") as upload:
+        try:
+            sha, size = await receive_body(request, upload, state.settings.max_upload_bytes)
+        except HTTPException:
+            metrics.uploads.labels("too_large").inc()
+            raise
+        metrics.upload_bytes.inc(size)
+        try:
+            check_declared_sha256(request, sha, required=True)
+            patch, created = await run_in_threadpool(ingest_patch, state, device.id, upload, sha, size, expected)
+        except (HTTPException, ZoedgeError):
+            metrics.uploads.labels("rejected").inc()
+            raise
+    metrics.uploads.labels("created" if created else "duplicate").inc()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return patch
+
+
+@router.get("", response_model=list[PatchOut])
+def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = None,
+                 device_id: Optional[str] = None, version: Optional[int] = None,
+                 kind: Optional[Literal["adapter", "trajectory", "global"]] = None,
+                 limit: int = Query(1000, ge=1, le=10000)) -> list[Patch]:
+    """Patches visible to the caller (a device: its own and the global ones; the admin: all), oldest first."""
+    q = select(Patch)
+    if not caller.admin:
+        q = q.where(or_(Patch.device_id == caller.device.id, Patch.device_id.is_(None)))
+    if bundle_id is not None:
+        q = q.where(Patch.bundle_id == bundle_id)
+    if device_id is not None:
+        q = q.where(Patch.device_id == device_id)
+    if version is not None:
+        q = q.where(Patch.version == version)
+    if kind is not None:
+        q = q.where(Patch.kind == kind)
+    return list(db.scalars(q.order_by(Patch.created, Patch.id).limit(limit)))
+
+
+def readable_patch(db: SessionDep, caller: CallerDep, patch_id: str) -> Patch:
+    patch = db.get(Patch, patch_id)
+    if patch is None or not caller.can_read(patch.device_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no patch {patch_id}")  # others' patches do not exist
+    return patch
+
+
+@router.get("/{patch_id}", response_model=PatchOut)
+def get_patch(patch_id: str, db: SessionDep, caller: CallerDep) -> Patch:
+    return readable_patch(db, caller, patch_id)
+
+
+@router.get("/{patch_id}/archive", response_class=FileResponse)
+def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> FileResponse:
+    """The complete patch directory as a tar: the uploaded archive for adapter patches; for trajectory
+    patches the upload plus the replayed adapter_model.safetensors (and adapter_config.json)."""
+    patch = readable_patch(db, caller, patch_id)
+    return FileResponse(state.blobs.path(patch.archive_sha256), media_type="application/x-tar",
+                        filename=f"patch-{patch.id}.tar", headers={SHA256_HEADER: patch.archive_sha256})
+
+
+@router.get("/{patch_id}/adapter", response_class=FileResponse)
+def download_adapter(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> FileResponse:
+    """adapter_model.safetensors alone (uploaded, replayed or averaged)."""
+    patch = readable_patch(db, caller, patch_id)
+    return FileResponse(state.blobs.path(patch.adapter_blob), media_type="application/octet-stream",
+                        filename="adapter_model.safetensors", headers={SHA256_HEADER: patch.adapter_blob})

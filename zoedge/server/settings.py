@@ -1,0 +1,30 @@
+"""The server's one settings object, read from ZOEDGE_* environment variables or given explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZOEDGE_")
+
+    data_dir: Path = Path("zoedge-data")  # blobs, extracted bundles, the SQLite file
+    database_url: str = ""  # default: sqlite file in data_dir; or postgresql://user:pw@host/db
+    admin_token: str = ""  # empty: the admin API answers 403
+    max_upload_bytes: int = 64 * MiB  # one patch archive
+    max_bundle_bytes: int = 4096 * MiB  # one bundle archive
+    rate_limit_per_minute: int = 120  # patch uploads per device and minute, per worker process; 0 = off
+    public_dashboard: bool = True  # `/` without a token (device names and patch metrics, never tokens)
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, the `server` extra's driver
+            return url
+        return f"sqlite:///{(self.data_dir / 'zoedge.db').resolve()}"
