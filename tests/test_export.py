@@ -106,3 +106,34 @@ def test_fp16_and_int8_bundles_run(tmp_path):
         assert m.quantization == quant and m.quantization_details["excluded_trainable_path_nodes"] > 0
         r = verify_bundle(out)
         assert r["max_abs_diff"] < 0.05, r
+
+
+def test_jetson_target_plan_and_visible_cpu_fallback(tmp_path):
+    """--target jetson: fp16 base, TensorRT > CUDA > CPU plan with an engine cache and a fixed shape profile;
+    where those providers are absent (this machine) the runtime says so and runs on the CPU."""
+    out = export_tiny(tmp_path / "j", "tiny-bert", "--target", "jetson")
+    m = Manifest.load(out)
+    assert m.quantization == "fp16"
+    names = [p["name"] for p in m.providers]
+    assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = m.providers[0]["options"]
+    assert trt["trt_fp16_enable"] and trt["trt_engine_cache_enable"] and trt["trt_engine_cache_path"] == "trt_cache"
+    assert trt["trt_profile_max_shapes"] == "input_ids:64x64,attention_mask:64x64"
+    warnings = []
+    session = create_session(out, m, warn=warnings.append)
+    assert session.get_providers() == ["CPUExecutionProvider"]
+    assert any("TensorrtExecutionProvider is not available" in w for w in warnings)
+    assert any("CUDAExecutionProvider is not available" in w for w in warnings)
+    b = Bundle.open(out)
+    ids, mask = b.encoder(["runs on the cpu"])
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": mask, **b.initial_trainables()})[0]
+    assert logits.shape == (1, 2) and np.isfinite(logits).all()
+
+
+def test_ort_format_bundle(tmp_path):
+    out = export_tiny(tmp_path / "o", "tiny-bert", "--format", "ort")
+    m = Manifest.load(out)
+    assert m.model_format == "ort" and m.model_file == "model.ort" and "model.onnx" not in m.files
+    assert (out / "model.ort").read_bytes()[4:8] == b"ORTM"  # the ORT flatbuffer file identifier
+    r = verify_bundle(out)
+    assert r["max_abs_diff"] <= 1e-4 and r["prediction_agreement"] == 1.0

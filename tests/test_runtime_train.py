@@ -191,3 +191,15 @@ def test_batched_perturbations_match_sequential(tmp_path, toy):
     replayed = replay_patch(tmp_path / "bat", copies)
     trained = load_tensors(tmp_path / "bat" / ADAPTER_FILE)
     assert all(np.array_equal(trained[k], replayed[k]) for k in trained)
+
+
+def test_ort_format_bundle_trains(tmp_path, toy):
+    """An ORT-Mobile (.ort flatbuffer) bundle trains through the same code path."""
+    from conftest import export_tiny
+
+    b = export_tiny(tmp_path / "ort", "tiny-bert", "--format", "ort")
+    r = train(b, toy[0], tmp_path / "p", TrainConfig(steps=20, head_init="lp"), eval_path=toy[1], log=quiet)
+    assert r["steps_run"] == 20 and r["eval_accuracy_head_start"] > r["eval_accuracy_start"]
+    replayed = replay_patch(tmp_path / "p", b)
+    trained = load_tensors(tmp_path / "p" / ADAPTER_FILE)
+    assert all(np.array_equal(trained[k], replayed[k]) for k in trained)

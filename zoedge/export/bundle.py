@@ -51,13 +51,22 @@ class ExportOptions:
     format: str = "onnx"  # onnx | ort | tflite
 
 
-def providers_for(target: str, out: Path) -> list[dict]:
+JETSON_BATCH = (1, 16, 64)  # TensorRT shape profile: min / opt / max rows per forward
+
+
+def providers_for(target: str, max_length: int) -> list[dict]:
+    """Execution-provider plan; Jetson: TensorRT (fp16, persistent engine cache, fixed shape profile) > CUDA > CPU."""
     if target == "jetson":
-        cache = "trt_cache"
+        def shapes(rows: int, seq: int) -> str:
+            return f"input_ids:{rows}x{seq},attention_mask:{rows}x{seq}"
+
+        lo, opt, hi = JETSON_BATCH
         return [
             {"name": "TensorrtExecutionProvider",
-             "options": {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
-                         "trt_timing_cache_enable": True}},
+             "options": {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": "trt_cache",
+                         "trt_timing_cache_enable": True, "trt_profile_min_shapes": shapes(lo, 3),
+                         "trt_profile_opt_shapes": shapes(opt, max_length),
+                         "trt_profile_max_shapes": shapes(hi, max_length)}},
             {"name": "CUDAExecutionProvider", "options": {}},
             {"name": "CPUExecutionProvider", "options": {}},
         ]
@@ -200,7 +209,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             label_words=list(label_words), label_token_ids=label_ids, prompt_template=prompt,
             truncation_side=truncation_side, lora=sel.lora, copies=opts.copies, model_format=opts.format,
             model_file=model_file, signature=signature, quantization=quant, quantization_details=details,
-            target=opts.target, providers=providers_for(opts.target, out),
+            target=opts.target, providers=providers_for(opts.target, opts.max_length),
             zoedge_version=zoedge.__version__, bundle_id=uuid.uuid4().hex,
         )
         manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
