@@ -95,6 +95,21 @@ def bundle_publish(
 
 
 @one_line_errors
+def bundle_aggregate(
+    bundle_id: str = typer.Argument(..., help="Bundle id (from `zoedge bundle publish`)"),
+    patches: str = typer.Option(..., help="Comma-separated patch ids to average"),
+    server: str = typer.Option(..., help=SERVER_HELP),
+    admin_token: str = typer.Option(..., help="The server's admin token"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """FedAvg device patches (weighted by their example counts) into the next global patch version."""
+    ids = [p.strip() for p in patches.split(",") if p.strip()]
+    with _client(server, admin_token) as c:
+        r = c.aggregate(bundle_id, ids)
+    _emit(r, json_out, f"global patch {r.get('patch_id')} version {r.get('version')} from {len(ids)} patches")
+
+
+@one_line_errors
 def push(
     patch: Path = typer.Argument(..., help="Patch directory (written by `zoedge train`)"),
     server: str = typer.Option(..., help=SERVER_HELP),
@@ -194,5 +209,7 @@ def register(app: typer.Typer) -> None:
     app.command("pull")(pull)
     app.command("sync")(sync)
     _group(app, "device", "Devices of the fleet.").command("register")(device_register)
-    _group(app, "bundle", "Bundles on the fleet server.").command("publish")(bundle_publish)
+    bundles = _group(app, "bundle", "Bundles on the fleet server.")
+    bundles.command("publish")(bundle_publish)
+    bundles.command("aggregate")(bundle_aggregate)
     _group(app, "patch", "Patches.").command("replay")(patch_replay)

@@ -4,23 +4,19 @@
     trajectory  patch.json + trajectory.npy (+ start.safetensors if present): a few KB; the server
                 replays it against the bundle to rebuild the adapter
 
-`zoedge.runtime.patch.read_patch` wants every file patch.json lists; an uploaded archive holds only
-its format's files, so `inspect_patch_dir` checks the files that are present against their sha256
-and the ones the format needs.
+An uploaded archive holds only its format's files: `inspect_patch_dir` checks the files present
+against their sha256 (`read_patch(require_all=False)`) and that the format's own files are there.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest, sha256_file
 from zoedge.runtime.patch import (
-    ADAPTER_CONFIG_FILE, ADAPTER_FILE, PATCH_FILE, PATCH_FORMAT, START_FILE, TRAJECTORY_FILE, adapter_config,
+    ADAPTER_CONFIG_FILE, ADAPTER_FILE, PATCH_FILE, START_FILE, TRAJECTORY_FILE, adapter_config, load_patch_doc,
     read_patch, replay_patch, write_json_atomic,
 )
 from zoedge.runtime.tensors import save_tensors, tensor_digest
@@ -50,19 +46,8 @@ def format_files(patch_dir: str | Path, fmt: str) -> list[str]:
 
 
 def load_patch_json(patch_dir: str | Path) -> dict[str, Any]:
-    p = Path(patch_dir) / PATCH_FILE
-    if not p.is_file():
-        raise ZoedgeError(f"{patch_dir}: not a zoedge patch (no {PATCH_FILE})")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ZoedgeError(f"{PATCH_FILE}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != PATCH_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else None
-        raise ZoedgeError(f"{PATCH_FILE}: unknown patch format {found!r} (expected {PATCH_FORMAT})")
-    if not isinstance(doc.get("files"), dict):
-        raise ZoedgeError(f"{PATCH_FILE}: no 'files' table")
-    return doc
+    """patch.json of a (possibly partial) patch directory, parsed; file hashes are checked by the caller."""
+    return load_patch_doc(patch_dir)
 
 
 def inspect_patch_dir(patch_dir: str | Path) -> tuple[dict[str, Any], str]:
@@ -99,14 +84,7 @@ def complete_patch_dir(patch_dir: str | Path, bundle_dir: str | Path) -> dict[st
     if doc.get("kind") == "global":
         raise ZoedgeError(f"{patch_dir}: a global (aggregated) patch has no trajectory to replay; "
                           f"use its {ADAPTER_FILE}")
-    # read_patch (inside replay_patch) wants every listed file: give it the uploaded ones only.
-    with tempfile.TemporaryDirectory(dir=patch_dir.parent) as scratch:
-        present = [n for n in (TRAJECTORY_FILE, START_FILE) if (patch_dir / n).is_file()]
-        for name in present:
-            shutil.copyfile(patch_dir / name, Path(scratch) / name)
-        partial = dict(doc, files={n: doc["files"][n] for n in present if n in doc["files"]})
-        (Path(scratch) / PATCH_FILE).write_text(json.dumps(partial), encoding="utf-8")
-        tensors = replay_patch(scratch, bundle_dir)
+    tensors = replay_patch(patch_dir, bundle_dir)
     if tensor_digest(tensors) != doc.get("adapter_sha256"):
         raise ZoedgeError(f"replaying {TRAJECTORY_FILE} does not give the tensors of adapter_sha256 in {PATCH_FILE}")
     save_tensors(tensors, patch_dir / ADAPTER_FILE, metadata={"format": "pt"})  # as write_patch does

@@ -120,7 +120,23 @@ def write_patch(out: Path, manifest: Manifest, tensors: dict[str, np.ndarray], t
     return doc
 
 
-def read_patch(patch_dir: str | Path) -> dict[str, Any]:
+def read_patch(patch_dir: str | Path, require_all: bool = True) -> dict[str, Any]:
+    """patch.json, after checking every listed file that is present against its sha256. An uploaded patch
+    carries only its format's files, so `require_all=False` accepts absent ones."""
+    doc = load_patch_doc(patch_dir)
+    for name, digest in doc["files"].items():
+        f = Path(patch_dir) / name
+        if not f.is_file():
+            if require_all:
+                raise ZoedgeError(f"{patch_dir}: {name} is missing")
+            continue
+        if sha256_file(f) != digest:
+            raise ZoedgeError(f"{patch_dir}: {name} does not match its sha256 in {PATCH_FILE} (corrupt or edited)")
+    return doc
+
+
+def load_patch_doc(patch_dir: str | Path) -> dict[str, Any]:
+    """patch.json parsed and its format checked; no file hashes checked."""
     p = Path(patch_dir) / PATCH_FILE
     if not p.is_file():
         raise ZoedgeError(f"{patch_dir}: not a zoedge patch (no {PATCH_FILE})")
@@ -130,10 +146,8 @@ def read_patch(patch_dir: str | Path) -> dict[str, Any]:
         raise ZoedgeError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != PATCH_FORMAT:
         raise ZoedgeError(f"{p}: unknown patch format {doc.get('format') if isinstance(doc, dict) else None!r}")
-    for name, digest in doc.get("files", {}).items():
-        f = Path(patch_dir) / name
-        if not f.is_file() or sha256_file(f) != digest:
-            raise ZoedgeError(f"{patch_dir}: {name} is missing or does not match its sha256")
+    if not isinstance(doc.get("files"), dict):
+        raise ZoedgeError(f"{p}: no 'files' table")
     return doc
 
 
@@ -154,14 +168,18 @@ def load_patch_tensors(patch_dir: str | Path, manifest: Manifest) -> dict[str, n
     return check_trainables(manifest, load_tensors(Path(patch_dir) / ADAPTER_FILE), str(Path(patch_dir) / ADAPTER_FILE))
 
 
-def replay_patch(patch_dir: str | Path, bundle_dir: str | Path) -> dict[str, np.ndarray]:
-    """Rebuild the trained tensors from the bundle's initial tensors and the patch's trajectory (numpy only)."""
+def replay_patch(patch_dir: str | Path, bundle_dir: str | Path, check_bundle_files: bool = True) -> dict[str, np.ndarray]:
+    """Rebuild the trained tensors from the bundle's initial tensors and the patch's trajectory (numpy only).
+    Needs only patch.json, trajectory.npy and start.safetensors (if listed) from the patch."""
     from zoedge.runtime.bundle import Bundle, check_trainables
 
-    bundle = Bundle.open(bundle_dir)
+    bundle = Bundle.open(bundle_dir, check_files=check_bundle_files)
     m = bundle.manifest
-    doc = read_patch(patch_dir)
+    doc = read_patch(patch_dir, require_all=False)
     check_patch_fits(doc, m, str(patch_dir))
+    for needed in (TRAJECTORY_FILE, *([START_FILE] if START_FILE in doc["files"] else [])):
+        if not (Path(patch_dir) / needed).is_file():
+            raise ZoedgeError(f"{patch_dir}: {needed} is missing; cannot replay")
     tensors = bundle.initial_trainables()
     start_path = Path(patch_dir) / START_FILE
     if start_path.is_file():
