@@ -203,3 +203,20 @@ def test_ort_format_bundle_trains(tmp_path, toy):
     replayed = replay_patch(tmp_path / "p", b)
     trained = load_tensors(tmp_path / "p" / ADAPTER_FILE)
     assert all(np.array_equal(trained[k], replayed[k]) for k in trained)
+
+
+def test_roles_train_only_a_subset_and_replay(tiny_bert_bundle, toy, tmp_path):
+    """--roles lora_B,head (LoRA-FA): A stays at its initial value; replay still reproduces the patch."""
+    out = tmp_path / "p"
+    train(tiny_bert_bundle, toy[0], out, TrainConfig(steps=20, lr=1e-2, head_init="none", keep="last",
+                                                     roles=["lora_B", "head"]), log=quiet)
+    m = Bundle.open(tiny_bert_bundle).manifest
+    initial = Bundle.open(tiny_bert_bundle).initial_trainables()
+    trained = load_tensors(out / ADAPTER_FILE)
+    for t in m.trainables:
+        moved = not np.array_equal(trained[t.name], initial[t.name])
+        assert moved == (t.role in ("lora_B", "head")), t.name
+    replayed = replay_patch(out, tiny_bert_bundle)
+    assert all(np.array_equal(trained[k], replayed[k]) for k in trained)
+    with pytest.raises(ZoedgeError, match="bad --roles"):
+        train(tiny_bert_bundle, toy[0], tmp_path / "q", TrainConfig(steps=2, roles=["bias"]), log=quiet)

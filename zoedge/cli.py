@@ -141,6 +141,7 @@ def train(
     eval_limit: int = typer.Option(0, help="Use at most N eval examples (0 = all)"),
     patience: int = typer.Option(0, help="Stop after N evals without improvement (0 = off)"),
     keep: str = typer.Option("best", help="best (by --eval) | last: which tensors become the patch"),
+    roles: Optional[str] = typer.Option(None, help="Train only these trainable roles, e.g. lora_B,head (LoRA-FA)"),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 300MB: plans the batch size"),
     checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps (0 = never)"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out"),
@@ -156,7 +157,8 @@ def train(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, perturbations=perturbations, batched=batched,
                       optimizer=optimizer, objective=objective, head_init=head_init, weight_decay=weight_decay,
                       lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
-                      patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed)
+                      patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed,
+                      roles=_csv(roles))
     with TrainProgress() as progress:
         result = run_train(bundle, data, out, cfg, eval_path=eval, resume=resume, on_step=progress.update,
                            log=progress.log)

@@ -13,14 +13,16 @@ from zoedge.runtime.data import read_examples
 from zoedge.runtime.engine import create_session
 
 
-def random_trainables(manifest: Manifest, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
-    """Non-zero values for every trainable, so LoRA B = 0 cannot hide a wrong graph."""
+def random_trainables(manifest: Manifest, seed: int = 0, initial: dict[str, np.ndarray] | None = None
+                      ) -> dict[str, np.ndarray]:
+    """The initial values (zeros if not given) plus non-zero noise: LoRA B = 0 cannot hide a wrong graph,
+    and heads keep their meaning (a decoder's label head starts as the label words' LM rows)."""
     rng = np.random.default_rng(seed)
     out = {}
     for t in manifest.trainables:
-        if t.role in ("weight", "norm"):
-            continue  # filled from the source values below (perturbed), see verify_bundle
-        out[t.name] = (rng.standard_normal(t.shape) * scale).astype(np.float32)
+        a = initial[t.name] if initial is not None else np.zeros(t.shape, np.float32)
+        scale = 0.02 if t.role == "lora_B" or not a.any() else 0.05 * float(np.std(a)) + 1e-3
+        out[t.name] = (a + rng.standard_normal(a.shape) * scale).astype(np.float32)
     return out
 
 
@@ -39,13 +41,7 @@ def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int
                           lora.rank if lora else 8, lora.alpha if lora else 16.0, lora.targets if lora else None)
     wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
 
-    trainables = random_trainables(m, seed)
-    rng = np.random.default_rng(seed + 1)
-    initial = bundle.initial_trainables()
-    for t in m.trainables:  # weights and norms: their real values plus noise (random weights would be meaningless)
-        if t.name not in trainables:
-            a = initial[t.name]
-            trainables[t.name] = (a + rng.standard_normal(a.shape).astype(np.float32) * 0.01 * (np.std(a) + 1e-3))
+    trainables = random_trainables(m, seed, bundle.initial_trainables())
     texts = read_examples(data, need_labels=False).texts[:n] if data else BUILTIN_CALIBRATION[:n]
     ids, mask = bundle.encoder(texts)
 

@@ -49,6 +49,9 @@ def _hf_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # e.g. the GGUF de-quantization bar
 
 
 def _sha256_files(paths: list[Path]) -> str:

@@ -34,11 +34,16 @@ class BoundForward:
         self.examples = 0
 
     def load_perturbations(self, directions: list[dict[str, np.ndarray]], eps: float) -> None:
+        """Copy 2i <- θ+εz_i, copy 2i+1 <- θ-εz_i; tensors without a direction are left unperturbed."""
         s = np.float32(eps)
         for i, z in enumerate(directions):
             for name, theta in self.trainables.items():
-                np.add(theta, s * z[name], out=self.buffers[name][2 * i])
-                np.subtract(theta, s * z[name], out=self.buffers[name][2 * i + 1])
+                if name in z:
+                    np.add(theta, s * z[name], out=self.buffers[name][2 * i])
+                    np.subtract(theta, s * z[name], out=self.buffers[name][2 * i + 1])
+                else:
+                    self.buffers[name][2 * i] = theta
+                    self.buffers[name][2 * i + 1] = theta
 
     def run_copies(self, ids: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         """One forward of the same batch under every copy's tensors; outputs shaped (copies, batch, ...)."""

@@ -198,5 +198,5 @@ def replay_patch(patch_dir: str | Path, bundle_dir: str | Path, check_bundle_fil
     if traj.shape[0] != doc.get("steps"):
         raise ZoedgeError(f"{patch_dir}: trajectory has {traj.shape[0]} steps, patch.json says {doc.get('steps')}")
     roles = {t.name: t.role for t in m.trainables}
-    replay(tensors, cfg, roles, int(doc["run_seed"]), traj)
+    replay(cfg.select(tensors, roles), cfg, roles, int(doc["run_seed"]), traj)
     return check_trainables(m, tensors, "replayed tensors")

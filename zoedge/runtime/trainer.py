@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     max_memory: str | None = None
     lp_examples: int = 4000
+    roles: list[str] | None = None  # train only trainables with these roles (e.g. lora_B,head); None = all
 
 
 def default_recipe(m: Manifest) -> dict[str, Any]:
@@ -87,6 +88,11 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
         raise ZoedgeError("--head-init lp needs a bundle whose head is trainable (export with --trainable ...,head)")
     if cfg.lr_schedule not in ("constant", "linear", "cosine"):
         raise ZoedgeError(f"bad --lr-schedule {cfg.lr_schedule!r}")
+    if cfg.roles is not None:
+        have = {t.role for t in m.trainables}
+        if not cfg.roles or not set(cfg.roles) <= have:
+            raise ZoedgeError(f"bad --roles {','.join(cfg.roles)}: this bundle's trainables have roles "
+                              f"{', '.join(sorted(have))}")
     if cfg.keep not in ("best", "last"):
         raise ZoedgeError(f"bad --keep {cfg.keep!r}: choose best or last")
     for name in ("steps", "batch_size", "perturbations"):
@@ -181,9 +187,10 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     # Evaluate at the training batch size: onnxruntime's arena keeps the largest batch's memory.
     evaluator = Evaluator(bundle, fwd, batch=cfg.batch_size)
     zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,
-                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched)
+                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched, roles=cfg.roles)
+    moving = zo_cfg.select(tensors, roles)  # the arrays ZO perturbs and updates (shared with `tensors`)
     nbytes = sum(t.nbytes for t in tensors.values())
-    dirs = DirectionCache([(n, tuple(t.shape)) for n, t in tensors.items()], keep=nbytes <= KEEP_Z_BYTES)
+    dirs = DirectionCache([(n, tuple(t.shape)) for n, t in moving.items()], keep=nbytes <= KEEP_Z_BYTES)
     opt = OptimizerState()
     run_seed = cfg.seed
     train_outputs = (OUTPUT_LOGITS,) if m.task == "classify" else (OUTPUT_NLL, OUTPUT_TOKENS)
@@ -261,7 +268,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
         else:
             f = loss_on(ids, mask, y)
             for i in range(cfg.perturbations):
-                lp, lm = perturbation_cycle(tensors, dirs, run_seed, step, i, cfg.eps, loss_at=f)
+                lp, lm = perturbation_cycle(moving, dirs, run_seed, step, i, cfg.eps, loss_at=f)
                 grads.append((lp - lm) / (2 * cfg.eps))
                 losses += [lp, lm]
         loss = float(np.mean(losses))
@@ -277,7 +284,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
                                   "even with a lower learning rate; try a smaller --lr or --eps")
             continue
         grads = clip_grads(grads, cfg.clip)
-        update(tensors, opt, zo_cfg, roles, dirs, run_seed, step, grads, lr)
+        update(moving, opt, zo_cfg, roles, dirs, run_seed, step, grads, lr)
         trajectory.append([*grads, lr])
         state["step"] = step
         ref = state["loss_ref"]

@@ -35,10 +35,17 @@ class ZOConfig:
     adam_eps: float = 1e-8
     clip: float = 0.0  # clip |g| to this value; 0 = off
     inplace: bool = True  # perturbation applied to θ itself (sequential) rather than to copies (batched)
+    roles: list[str] | None = None  # perturb / update only trainables with these roles (None: all)
     generator: str = GENERATOR
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def select(self, tensors: dict[str, np.ndarray], roles: dict[str, str]) -> dict[str, np.ndarray]:
+        """The tensors ZO moves (same array objects); the others stay fixed inputs."""
+        if self.roles is None:
+            return tensors
+        return {k: v for k, v in tensors.items() if roles.get(k) in self.roles}
 
 
 def directions(run_seed: int, step: int, i: int, shapes: list[tuple[str, tuple[int, ...]]]) -> Iterator[tuple[str, np.ndarray]]:
