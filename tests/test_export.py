@@ -137,3 +137,11 @@ def test_ort_format_bundle(tmp_path):
     assert (out / "model.ort").read_bytes()[4:8] == b"ORTM"  # the ORT flatbuffer file identifier
     r = verify_bundle(out)
     assert r["max_abs_diff"] <= 1e-4 and r["prediction_agreement"] == 1.0
+
+
+def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
+    plain = Manifest.load(export_tiny(tmp_path / "a", "tiny-bert", "--quant", "int8"))
+    kept = Manifest.load(export_tiny(tmp_path / "b", "tiny-bert", "--quant", "int8", "--quant-exclude", r"output\.dense"))
+    assert kept.quantization_details["excluded_by_pattern"] == 8  # 2 layers x 2 dense Linears x (MatMul, bias Add)
+    n_plain = plain.quantization_details["quantized_ops"]["MatMulInteger"]
+    assert kept.quantization_details["quantized_ops"]["MatMulInteger"] == n_plain - 4

@@ -21,6 +21,10 @@ from conftest import run_cli
     (["tiny-bert", "--lora-targets", "nonexistent"], "no module"),
     (["tiny-bert", "--calibration", "/no/such/file.tsv", "--quant", "int8-static"], "no such file"),
     (["tiny-bert", "--max-length", "100000"], "max-length"),
+    (["tiny-bert", "--quant", "int8", "--quant-exclude", "(unclosed"], "bad --quant-exclude"),
+    (["tiny-bert", "--format", "pdf"], "bad --format"),
+    (["tiny-bert", "--copies", "3"], "bad --copies"),
+    (["tiny-bert", "--copies", "4", "--trainable", "bias"], "bad --copies"),
 ])
 def test_bad_export_input(tmp_path, args, message):
     out = tmp_path / "out"

@@ -63,6 +63,7 @@ def export(
     lora_targets: str = typer.Option("q,v", help="LoRA targets: q,k,v,o,up,down,gate or module names"),
     quant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int8-static | int4 (default: by target)"),
     calibration: Optional[Path] = typer.Option(None, help="Text file (TSV/CSV/JSONL) for int8-static calibration"),
+    quant_exclude: Optional[str] = typer.Option(None, help="Regex over source module paths to keep in float, e.g. down_proj"),
     target: str = typer.Option("cpu", help="cpu | pi | jetson | phone"),
     max_length: int = typer.Option(64, help="Maximum tokens per example"),
     copies: int = typer.Option(0, help="Give LoRA/head inputs a copies axis of this size (2q) for batched ZO"),
@@ -76,7 +77,8 @@ def export(
     opts = ExportOptions(model=model, out=out, task=task, labels=_csv(labels) or [], label_words=_words(label_words),
                          prompt=prompt, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_targets=_csv(lora_targets) or [], quant=quant, calibration=calibration, target=target,
-                         max_length=max_length, force=force, copies=copies, format=format)
+                         max_length=max_length, force=force, copies=copies, format=format,
+                         quant_exclude=quant_exclude)
     validate(opts)
     log = (lambda m: print(m, file=sys.stderr)) if json_out else print
     m = export_bundle(opts, log=log)

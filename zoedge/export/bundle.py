@@ -7,6 +7,7 @@ bundle nor touches an existing one.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import uuid
@@ -49,6 +50,7 @@ class ExportOptions:
     seed: int = 0
     copies: int = 0
     format: str = "onnx"  # onnx | ort | tflite
+    quant_exclude: str | None = None  # regex over source module paths kept in float (e.g. down_proj)
 
 
 JETSON_BATCH = (1, 16, 64)  # TensorRT shape profile: min / opt / max rows per forward
@@ -92,6 +94,11 @@ def validate(opts: ExportOptions) -> None:
         raise ZoedgeError(f"bad --label-words: {len(opts.label_words)} words for {len(opts.labels)} labels")
     if opts.prompt is not None and "{sentence}" not in opts.prompt:
         raise ZoedgeError("bad --prompt: the template must contain {sentence}")
+    if opts.quant_exclude is not None:
+        try:
+            re.compile(opts.quant_exclude)
+        except re.error as e:
+            raise ZoedgeError(f"bad --quant-exclude {opts.quant_exclude!r}: {e}") from None
     if opts.format not in FORMATS:
         raise ZoedgeError(f"bad --format {opts.format!r}: choose one of {', '.join(FORMATS)}")
     if opts.format == "tflite" and opts.quant not in (None, "fp32", "int8"):
@@ -189,7 +196,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             else:
                 log(f"quantizing ({quant}) ...")
                 feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
-                details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds)
+                details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds, opts.quant_exclude)
                 if feeds is not None:
                     details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"
                 fp32_path.unlink()

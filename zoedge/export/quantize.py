@@ -8,6 +8,7 @@ so LoRA / head / bias arithmetic is never quantized and its calibration never se
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -34,6 +35,21 @@ def trainable_path_nodes(model: onnx.ModelProto, trainable_names: Iterable[str])
     return [n.name for n in graph.node if any(i in derived for i in n.input)]
 
 
+def module_path(node: onnx.NodeProto) -> str:
+    """The torch module a node came from, from the dynamo exporter's `namespace` metadata ('' if absent)."""
+    for p in node.metadata_props:
+        if p.key == "namespace":
+            found = re.findall(r"module\.([\w.]+):", p.value)
+            return found[-1] if found else ""
+    return ""
+
+
+def nodes_matching(model: onnx.ModelProto, pattern: str) -> list[str]:
+    """Names of nodes whose source module path matches the regex `pattern` (e.g. 'down_proj|layers\\.0\\.')."""
+    rx = re.compile(pattern)
+    return [n.name for n in model.graph.node if rx.search(module_path(n))]
+
+
 def _name_nodes(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     for i, node in enumerate(model.graph.node):
@@ -44,11 +60,17 @@ def _name_nodes(path: Path) -> onnx.ModelProto:
 
 
 def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
-             calibration_feeds: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+             calibration_feeds: list[dict[str, np.ndarray]] | None = None, exclude: str | None = None) -> dict[str, Any]:
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     model = _name_nodes(src)
     excluded = trainable_path_nodes(model, trainable_names)
     details: dict[str, Any] = {"excluded_trainable_path_nodes": len(excluded)}
+    if exclude:
+        chosen = [n for n in nodes_matching(model, exclude) if n not in excluded]
+        if not chosen:
+            raise ZoedgeError(f"bad --quant-exclude {exclude!r}: matches no node's module path")
+        excluded += chosen
+        details.update(exclude_pattern=exclude, excluded_by_pattern=len(chosen))
     if mode == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
