@@ -7,7 +7,6 @@ trajectory so far, and a JSON state (step, lr scale, guard state, metrics histor
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 from safetensors.numpy import save
 
 from zoedge.errors import ZoedgeError
-from zoedge.runtime.patch import mkstemp_in
+from zoedge.fsio import write_bytes_atomic
 from zoedge.runtime.tensors import load_tensors
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -28,21 +27,7 @@ def save_checkpoint(out: Path, groups: dict[str, dict[str, np.ndarray]], traject
     flat["trajectory"] = np.ascontiguousarray(trajectory, dtype=np.float32)
     data = save(flat, metadata={"state": json.dumps(state, sort_keys=True)})
     path = out / CHECKPOINT_FILE
-    fd, tmp = mkstemp_in(out, CHECKPOINT_FILE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data)
     return path
 
 

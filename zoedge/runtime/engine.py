@@ -59,7 +59,7 @@ def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0,
     graph_inputs = {i.name for i in session.get_inputs()}
     missing = [t.name for t in manifest.trainables if t.name not in graph_inputs]
     if missing:
-        raise ZoedgeError(f"{bundle_dir}: manifest trainable {missing[0]!r} is not an input of {MODEL_FILE}")
+        raise ZoedgeError(f"{bundle_dir}: manifest trainable {missing[0]!r} is not an input of {manifest.model_file}")
     for i in session.get_inputs():
         t = next((t for t in manifest.trainables if t.name == i.name), None)
         if t is not None and list(i.shape) != manifest.graph_shape(t):

@@ -15,17 +15,17 @@ numpy + safetensors only.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from zoedge.errors import ZoedgeError
+from zoedge.fsio import write_bytes_atomic, write_json_atomic
 from zoedge.manifest import Manifest, sha256_file
-from zoedge.runtime.tensors import load_tensors, save_tensors, tensor_digest
+from zoedge.runtime.tensors import load_tensors, safetensors_bytes, tensor_digest
 from zoedge.runtime.zo import ZOConfig, replay
 
 PATCH_FILE = "patch.json"
@@ -49,36 +49,6 @@ def adapter_config(manifest: Manifest) -> dict[str, Any] | None:
     }
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def mkstemp_in(directory: Path, name: str) -> tuple[int, str]:
-    """A temporary file beside `name` with ordinary permissions (mkstemp alone gives 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.fchmod(fd, _umask_mode())
-    return fd, tmp
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = mkstemp_in(path.parent, path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_patch(out: Path, manifest: Manifest, tensors: dict[str, np.ndarray], trajectory: np.ndarray,
                 start: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
     """Write every file to temporaries, then rename into place; patch.json last (it marks the patch complete)."""
@@ -86,27 +56,18 @@ def write_patch(out: Path, manifest: Manifest, tensors: dict[str, np.ndarray], t
     (out / PATCH_FILE).unlink(missing_ok=True)  # an incomplete patch has no patch.json
     files: dict[str, str] = {}
 
-    def put_tensors(name: str, t: dict[str, np.ndarray]) -> None:
-        fd, tmp = mkstemp_in(out, name)
-        os.close(fd)
-        save_tensors(t, tmp, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / name)
+    def put(name: str, data: bytes) -> None:
+        write_bytes_atomic(out / name, data)
         files[name] = sha256_file(out / name)
 
-    put_tensors(ADAPTER_FILE, tensors)
+    put(ADAPTER_FILE, safetensors_bytes(tensors))
     if start:
-        put_tensors(START_FILE, start)
+        put(START_FILE, safetensors_bytes(start))
     else:
         (out / START_FILE).unlink(missing_ok=True)
-    fd, tmp = mkstemp_in(out, TRAJECTORY_FILE)
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, np.ascontiguousarray(trajectory, dtype="<f4"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / TRAJECTORY_FILE)
-    files[TRAJECTORY_FILE] = sha256_file(out / TRAJECTORY_FILE)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(trajectory, dtype="<f4"))
+    put(TRAJECTORY_FILE, buf.getvalue())
     cfg = adapter_config(manifest)
     if cfg is not None:
         write_json_atomic(out / ADAPTER_CONFIG_FILE, cfg)
@@ -116,7 +77,7 @@ def write_patch(out: Path, manifest: Manifest, tensors: dict[str, np.ndarray], t
         "base_sha256": manifest.base_sha256, "initial_sha256": manifest.initial_sha256,
         "adapter_sha256": tensor_digest(tensors), "files": files, **meta,
     }
-    write_json_atomic(out / PATCH_FILE, doc)
+    write_json_atomic(out / PATCH_FILE, doc)  # last: its presence marks a complete patch
     return doc
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 
 from zoedge.errors import ZoedgeError
 
@@ -33,3 +33,8 @@ def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def save_tensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    """The safetensors file for `tensors` (PEFT's metadata {"format": "pt"}), to write atomically."""
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"})

@@ -7,9 +7,8 @@ perturbation -> divergence guard -> update -> trajectory -> eval -> snapshot/che
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from zoedge.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_che
 from zoedge.runtime.data import label_indices, read_examples
 from zoedge.runtime.forward import BoundForward, open_forward
 from zoedge.runtime.memory import current_rss_mb, parse_size, peak_rss_mb, plan_batch
-from zoedge.runtime.patch import PATCH_FILE, write_patch
+from zoedge.runtime.patch import write_patch
 from zoedge.runtime.probe import fit_linear_probe
 from zoedge.runtime.zo import OPTIMIZERS, DirectionCache, OptimizerState, ZOConfig, clip_grads, perturbation_cycle, update
 

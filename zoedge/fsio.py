@@ -1,0 +1,52 @@
+"""Crash-safe file writes (stdlib only): write a temporary beside the target, fsync, rename, fsync the dir.
+
+A reader therefore sees either the old file or the complete new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def mkstemp_in(directory: str | Path, name: str) -> tuple[int, str]:
+    """A temporary file `.NAME.xxxx` in `directory`, with ordinary permissions (mkstemp alone gives 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    os.fchmod(fd, _umask_mode())
+    return fd, tmp
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = mkstemp_in(path.parent, path.name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
