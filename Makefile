@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.zoedge-installed
 SST2   ?= ../shared/data/sst2
 DEMO   ?= demo-out
 
-.PHONY: install demo test test-slow test-server clean
+.PHONY: install demo test test-slow test-server test-tflite test-reliability clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,15 +21,26 @@ demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh $(DEMO) $(SST2)
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not tflite"
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m "slow and not tflite"
 
 # The server suite again, against a real PostgreSQL that scripts/ci_postgres.sh installs and starts.
 test-server: install
-	eval "$$(bash scripts/ci_postgres.sh)" && $(PY) -m pytest -q tests/test_server_*.py tests/test_client_*.py; \
+	eval "$$(bash scripts/ci_postgres.sh)" && $(PY) -m pytest -q -m "not slow" tests/test_server_*.py \
+	    tests/test_client_*.py tests/test_reliability_server.py; \
 	rc=$$?; bash scripts/ci_postgres.sh stop; exit $$rc
+
+# TFLite / LiteRT: its converter needs its own virtualenv (.venv-tflite, ~2.6 GB).
+test-tflite:
+	bash scripts/tflite_env.sh
+	.venv-tflite/bin/python -m pytest -q -m tflite tests/test_tflite.py
+
+# The long reliability campaign: 50 SIGKILLs with resume, the slow crash tests, a longer schema fuzz.
+test-reliability: install
+	$(PY) scripts/crash_harness.py --kills 50 --json
+	ZOEDGE_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_reliability_server.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -29,6 +29,9 @@ def one_line_errors(fn):
             return fn(*args, **kwargs)
         except ZoedgeError as e:
             fail(str(e))
+        except OSError as e:  # disk full, read-only or missing directory, permissions
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             fail("interrupted", 130)
     return wrapper

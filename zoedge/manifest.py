@@ -105,6 +105,7 @@ class Manifest:
 
     # ---- validation -------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        self._check_types()
         if self.task not in TASKS:
             raise ZoedgeError(f"manifest: unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
         if self.kind not in KINDS:
@@ -127,6 +128,36 @@ class Manifest:
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has unknown role {t.role!r}")
             if not all(isinstance(d, int) and d > 0 for d in t.shape):
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has a bad shape {t.shape!r}")
+
+    def _check_types(self) -> None:
+        def bad(field_name: str, want: str) -> ZoedgeError:
+            return ZoedgeError(f"manifest: {field_name} must be {want} (got {getattr(self, field_name)!r:.80})")
+
+        for name in ("model_id", "architecture", "kind", "task", "base_sha256", "quantization", "model_format",
+                     "model_file", "prompt_template", "target"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "a string")
+        for name in ("max_length", "copies", "num_parameters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, "a non-negative integer")
+        if self.max_length < 2:
+            raise bad("max_length", "at least 2")
+        for name in ("labels", "label_words", "trainable_kinds"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise bad(name, "a list of strings")
+        if not isinstance(self.label_token_ids, list) or not all(isinstance(x, int) for x in self.label_token_ids):
+            raise bad("label_token_ids", "a list of integers")
+        if not isinstance(self.files, dict) or not all(isinstance(k, str) and isinstance(v, str) and "/" not in k
+                                                       for k, v in self.files.items()):
+            raise bad("files", "an object of file name -> sha256")
+        if not isinstance(self.providers, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str)
+                                                           for p in self.providers):
+            raise bad("providers", "a list of {name, options} objects")
+        for t in self.trainables:
+            if not isinstance(t.name, str) or not isinstance(t.shape, list):
+                raise ZoedgeError(f"manifest: malformed trainable entry {t.name!r:.80}")
 
     def graph_shape(self, t: Trainable) -> list[int]:
         return [self.copies, *t.shape] if self.copies else list(t.shape)

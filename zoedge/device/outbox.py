@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zoedge.device.archive import pack
-from zoedge.device.patchdir import format_files
+from zoedge.device.patchdir import check_carried_files, format_files
 from zoedge.manifest import sha256_file
 from zoedge.runtime.patch import write_json_atomic
 
@@ -57,6 +57,7 @@ class Outbox:
     def enqueue_patch(self, patch_dir: str | Path, fmt: str) -> OutboxEntry:
         """Pack the format's files of patch_dir into the outbox (idempotent: same content, same entry)."""
         names = format_files(patch_dir, fmt)
+        check_carried_files(patch_dir, names)
         tmp = self.root / f".pack-{uuid.uuid4().hex}.tar"
         try:
             sha, size = pack(patch_dir, tmp, names)

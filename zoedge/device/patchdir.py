@@ -45,6 +45,19 @@ def format_files(patch_dir: str | Path, fmt: str) -> list[str]:
     return names
 
 
+def check_carried_files(patch_dir: str | Path, names: list[str]) -> None:
+    """Refuse locally what the server would refuse: never queue a corrupt or edited patch."""
+    patch_dir = Path(patch_dir)
+    doc = load_patch_json(patch_dir)
+    for n in names:
+        if n == PATCH_FILE:
+            continue
+        if n not in doc["files"]:
+            raise ZoedgeError(f"{patch_dir}: {n} is not listed in {PATCH_FILE}")
+        if sha256_file(patch_dir / n) != doc["files"][n]:
+            raise ZoedgeError(f"{patch_dir}: {n} does not match its sha256 in {PATCH_FILE} (corrupt or edited)")
+
+
 def load_patch_json(patch_dir: str | Path) -> dict[str, Any]:
     """patch.json of a (possibly partial) patch directory, parsed; file hashes are checked by the caller."""
     return load_patch_doc(patch_dir)

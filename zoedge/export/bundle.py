@@ -185,7 +185,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             model_file = TFLITE_FILE
             inputs, outputs, signature, details = convert_to_tflite(
                 wrapper, opts.task, initial, tmp / TFLITE_FILE, quantize=(quant == "int8"), num_labels=len(opts.labels),
-                hidden=src.model.config.hidden_size)
+                hidden=src.model.config.hidden_size, max_length=opts.max_length)
         else:
             log(f"exporting ONNX ({len(sel.trainables)} trainable tensors, {n_values:,} values) ...")
             fp32_path = tmp / "model.fp32.onnx"

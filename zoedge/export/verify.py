@@ -35,6 +35,10 @@ def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int
 
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
+    if m.model_format == "tflite":
+        from zoedge.export.tflite import verify_tflite
+
+        return verify_tflite(bundle_dir, data, n, seed)
     src = load_source(m.model_id)
     lora = m.lora
     sel = build_selection(src, m.task, len(m.labels), m.label_token_ids, m.trainable_kinds,

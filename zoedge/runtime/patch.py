@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from zoedge.errors import ZoedgeError
 from zoedge.fsio import write_bytes_atomic, write_json_atomic
 from zoedge.manifest import Manifest, sha256_file
 from zoedge.runtime.tensors import load_tensors, safetensors_bytes, tensor_digest
-from zoedge.runtime.zo import ZOConfig, replay
+from zoedge.runtime.zo import OPTIMIZERS, ZOConfig, replay
 
 PATCH_FILE = "patch.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -34,6 +35,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 TRAJECTORY_FILE = "trajectory.npy"
 START_FILE = "start.safetensors"
 PATCH_FORMAT = "zoedge-patch/1"
+PATCH_FILES = (PATCH_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TRAJECTORY_FILE, START_FILE)
 
 
 def adapter_config(manifest: Manifest) -> dict[str, Any] | None:
@@ -129,6 +131,44 @@ def load_patch_tensors(patch_dir: str | Path, manifest: Manifest) -> dict[str, n
     return check_trainables(manifest, load_tensors(Path(patch_dir) / ADAPTER_FILE), str(Path(patch_dir) / ADAPTER_FILE))
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_replay_fields(patch_dir: Path, doc: dict[str, Any]) -> None:
+    """What replay reads from patch.json and trajectory.npy, type-checked, so a malformed (or hostile) patch is
+    a one-line ZoedgeError (CLI) / 400 (server) rather than a KeyError / TypeError deep inside replay."""
+    seed = doc.get("run_seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ZoedgeError(f"{PATCH_FILE}: 'run_seed' must be a non-negative integer (got {seed!r})")
+    zo = doc.get("zo")
+    if not isinstance(zo, dict):
+        raise ZoedgeError(f"{PATCH_FILE}: 'zo' (the ZO configuration needed for replay) must be an object")
+    if zo.get("optimizer", "zo-sgd") not in OPTIMIZERS:
+        raise ZoedgeError(f"{PATCH_FILE}: zo.optimizer {zo.get('optimizer')!r} is not one of {', '.join(OPTIMIZERS)}")
+    q = zo.get("perturbations", 1)
+    if not isinstance(q, int) or isinstance(q, bool) or not 1 <= q <= 4096:
+        raise ZoedgeError(f"{PATCH_FILE}: zo.perturbations must be an integer >= 1 (got {q!r})")
+    for key in ("eps", "weight_decay", "momentum", "beta2", "adam_eps", "clip"):
+        if key in zo and not _number(zo[key]):
+            raise ZoedgeError(f"{PATCH_FILE}: zo.{key} must be a finite number (got {zo[key]!r})")
+    if "inplace" in zo and not isinstance(zo["inplace"], bool):
+        raise ZoedgeError(f"{PATCH_FILE}: zo.inplace must be true or false")
+    roles = zo.get("roles")
+    if roles is not None and not (isinstance(roles, list) and all(isinstance(r, str) for r in roles)):
+        raise ZoedgeError(f"{PATCH_FILE}: zo.roles must be a list of role names or null")
+    if "generator" in zo and not isinstance(zo["generator"], str):
+        raise ZoedgeError(f"{PATCH_FILE}: zo.generator must be a string")
+    traj = patch_dir / TRAJECTORY_FILE
+    if traj.is_file():
+        try:
+            a = np.load(traj, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise ZoedgeError(f"{patch_dir}: unreadable {TRAJECTORY_FILE} ({str(e)[:120]})") from None
+        if a.dtype.kind not in "fiu":
+            raise ZoedgeError(f"{patch_dir}: {TRAJECTORY_FILE} holds {a.dtype} values, expected float32 numbers")
+
+
 def replay_patch(patch_dir: str | Path, bundle_dir: str | Path, check_bundle_files: bool = True) -> dict[str, np.ndarray]:
     """Rebuild the trained tensors from the bundle's initial tensors and the patch's trajectory (numpy only).
     Needs only patch.json, trajectory.npy and start.safetensors (if listed) from the patch."""
@@ -138,6 +178,7 @@ def replay_patch(patch_dir: str | Path, bundle_dir: str | Path, check_bundle_fil
     m = bundle.manifest
     doc = read_patch(patch_dir, require_all=False)
     check_patch_fits(doc, m, str(patch_dir))
+    check_replay_fields(Path(patch_dir), doc)
     for needed in (TRAJECTORY_FILE, *([START_FILE] if START_FILE in doc["files"] else [])):
         if not (Path(patch_dir) / needed).is_file():
             raise ZoedgeError(f"{patch_dir}: {needed} is missing; cannot replay")

@@ -2,9 +2,10 @@
 
 Same call shape as `BoundForward` (ids, mask, outputs) -> arrays, so the ZO trainer does not care
 which engine runs. The trainable arrays are read at every call (the optimizer mutates them in place;
-LiteRT copies inputs in, so nothing can be bound zero-copy). The converter gives static shapes: a call
-is split into chunks of the signature's batch, the last chunk padded by repeating its last row, every
-row padded to the signature's sequence length with masked-out tokens; outputs are trimmed back.
+LiteRT copies inputs in, so nothing can be bound zero-copy). The converter gives static shapes, one
+signature per sequence bucket: a call runs the smallest bucket that fits its width, split into chunks of
+the signature's batch (the last chunk padded by repeating its last row), every row padded with
+masked-out tokens; outputs are trimmed back to the real rows.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ class TFLiteForward:
                 raise ZoedgeError(f"{bundle_dir}: manifest.signature has no {key!r} (not a zoedge TFLite bundle?)")
         threads = threads or int(os.environ.get("ZOEDGE_THREADS", "0") or 0) or None
         self.interpreter = load_interpreter(path, threads)
+        keys = sig.get("keys") or {str(sig.get("static_seq") or 0): sig["key"]}  # seq bucket -> signature key
         try:
-            self.runner = self.interpreter.get_signature_runner(sig["key"])
+            self.runners = {int(seq): self.interpreter.get_signature_runner(key) for seq, key in sorted(
+                keys.items(), key=lambda kv: int(kv[0]))}
         except ValueError:
-            raise ZoedgeError(f"{path}: no signature {sig['key']!r}") from None
+            raise ZoedgeError(f"{path}: a signature of {sorted(keys.values())} is missing") from None
         self.in_names, self.out_names = dict(sig["inputs"]), dict(sig["outputs"])
-        self.batch, self.seq = sig.get("static_batch"), sig.get("static_seq")
+        self.batch = sig.get("static_batch")
         self.token_dtype = np.dtype(sig.get("token_dtype", "int32"))
-        details = self.runner.get_input_details()
+        details = next(iter(self.runners.values())).get_input_details()
         for t in manifest.trainables:
             d = details.get(self.in_names.get(t.name, ""))
             if d is None:
@@ -68,26 +71,29 @@ class TFLiteForward:
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, outputs: tuple[str, ...]) -> list[np.ndarray]:
         n, width = ids.shape
-        if self.seq:
-            if width > self.seq:
-                raise ZoedgeError(f"a batch of {width} tokens does not fit this TFLite bundle's {self.seq}-token signature")
-            ids, mask = _pad_cols(ids, self.seq), _pad_cols(mask, self.seq)
+        seq = next((s for s in self.runners if s == 0 or s >= width), None)  # 0: a dynamic sequence axis
+        if seq is None:
+            raise ZoedgeError(f"a batch of {width} tokens does not fit this TFLite bundle's "
+                              f"{max(self.runners)}-token signature")
+        runner = self.runners[seq]
+        if seq:
+            ids, mask = _pad_cols(ids, seq), _pad_cols(mask, seq)
         chunk = self.batch or n
         parts: list[list[np.ndarray]] = []
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
-            out = self._run(_pad_rows(ids[start:start + rows], chunk), _pad_rows(mask[start:start + rows], chunk))
+            out = self._run(runner, _pad_rows(ids[start:start + rows], chunk), _pad_rows(mask[start:start + rows], chunk))
             parts.append([out[self.out_names[name]][:rows] for name in outputs])
             self.examples += rows
         return [np.concatenate(p) for p in zip(*parts)]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    def _run(self, runner, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {self.in_names[INPUT_IDS]: ids.astype(self.token_dtype, copy=False),
                  self.in_names[ATTENTION_MASK]: mask.astype(self.token_dtype, copy=False)}
         for name, arr in self.trainables.items():
             feeds[self.in_names[name]] = arr
         self.calls += 1
-        return self.runner(**feeds)
+        return runner(**feeds)
 
 
 def _pad_cols(a: np.ndarray, width: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from zoedge.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_che
 from zoedge.runtime.data import label_indices, read_examples
 from zoedge.runtime.forward import BoundForward, open_forward
 from zoedge.runtime.memory import current_rss_mb, parse_size, peak_rss_mb, plan_batch
-from zoedge.runtime.patch import write_patch
+from zoedge.runtime.patch import PATCH_FILES, write_patch
 from zoedge.runtime.probe import fit_linear_probe
 from zoedge.runtime.zo import OPTIMIZERS, DirectionCache, OptimizerState, ZOConfig, clip_grads, perturbation_cycle, update
 
@@ -172,6 +172,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ZoedgeError(f"--out {out}: exists and is not a directory")
+    _remove_stale_temporaries(out)  # left by a kill during an atomic write; never a complete file
     if resume:
         if not (out / CHECKPOINT_FILE).is_file():
             raise ZoedgeError(f"--resume: {out} has no {CHECKPOINT_FILE}")
@@ -350,6 +351,16 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
 # ---- helpers -----------------------------------------------------------------------------------------
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete `.NAME.xxxx` temporaries of our own atomic writes (a SIGKILL mid-write leaves them behind)."""
+    if not out.is_dir():
+        return
+    ours = (CHECKPOINT_FILE, *PATCH_FILES)
+    for p in out.iterdir():
+        if p.is_file() and any(p.name.startswith(f".{name}.") for name in ours):
+            p.unlink(missing_ok=True)
+
+
 def _config_key(cfg: TrainConfig) -> dict:
     """The settings a resumed run must share with the original (everything that changes the trajectory)."""
     d = asdict(cfg)
@@ -363,10 +374,12 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def _diverged(losses: list[float], grads: list[float], state: dict, objective: str) -> bool:
+    """NaN / Inf, or a loss far above its running mean. Right after a rollback only NaN / Inf counts until
+    the next good snapshot: the retried step sees the same batch, and a hard batch is not a divergence."""
     if not all(math.isfinite(x) for x in losses + grads):
         return True
     ref = state["loss_ref"]
-    if ref is None or objective in ("accuracy", "f1"):
+    if ref is None or objective in ("accuracy", "f1") or state.get("failed_rollbacks", 0) > 0:
         return False
     return min(losses) > 3.0 * abs(ref) + 1.0
 

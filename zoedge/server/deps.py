@@ -60,6 +60,11 @@ def get_caller(state: StateDep, db: SessionDep,
     if admin and hmac.compare_digest(token.encode(), admin.encode()):
         return Caller(device=None, admin=True)
     device = db.scalar(select(Device).where(Device.token_hash == hash_token(token)))
+    # End the read transaction now (commit: with expire_on_commit=False, `device` is not expired), so the request does not hold a pooled connection while it streams an
+    # upload or waits for a worker thread (which opens its own session): with 2 connections per upload,
+    # ~pool-size concurrent uploads exhausted the pool and answered 500 (QueuePool TimeoutError).
+    # Sessions use expire_on_commit=False, so `device` stays readable; later queries re-acquire a connection.
+    db.commit()
     if device is None:
         raise _unauthorized("invalid token")
     return Caller(device=device, admin=False)

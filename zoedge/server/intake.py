@@ -4,6 +4,7 @@ the blobs and add the row. A rejected upload leaves no row and no blob."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,9 @@ from zoedge.server.models import Bundle, Patch
 from zoedge.server.state import ServerState
 
 
+BUNDLE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 # ---- bundles ----------------------------------------------------------------------------------------
 def ingest_bundle(state: ServerState, upload: Path, sha256: str, size: int) -> tuple[Bundle, bool]:
     with state.blobs.temp_dir() as work:
@@ -31,6 +35,10 @@ def ingest_bundle(state: ServerState, upload: Path, sha256: str, size: int) -> t
         manifest = Manifest.load(work / "b")
         if not manifest.bundle_id:
             raise ZoedgeError(f"{MANIFEST_FILE}: the bundle has no bundle_id (re-export it)")
+        if not isinstance(manifest.bundle_id, str) or not BUNDLE_ID.match(manifest.bundle_id):
+            # it names data_dir/bundles/<id> and URLs: "../x" would be stored outside the data directory
+            raise ZoedgeError(f"{MANIFEST_FILE}: bad bundle_id {str(manifest.bundle_id)[:80]!r} "
+                              "(letters, digits, '-' and '_', at most 64)")
         with state.sessions() as db:
             existing = db.get(Bundle, manifest.bundle_id)
             if existing is not None:
@@ -63,6 +71,7 @@ def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, 
         existing = _existing_patch(db, sha256, device_id)
         if existing is not None:
             return existing, False
+        db.commit()  # no connection held while unpacking / replaying (seconds for a trajectory patch)
         with state.blobs.temp_dir() as work:
             pdir = work / "patch"
             unpack(upload, pdir, allowed=PATCH_FILES, max_bytes=4 * state.settings.max_upload_bytes)

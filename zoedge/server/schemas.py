@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Optional
+from datetime import datetime, timezone
+from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# SQLite hands back naive datetimes (stored UTC): without an offset they are not RFC 3339 "date-time".
+UtcDatetime = Annotated[datetime, AfterValidator(lambda d: d if d.tzinfo else d.replace(tzinfo=timezone.utc))]
 
 
 class DeviceCreate(BaseModel):
@@ -22,7 +25,7 @@ class DeviceOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
-    created: datetime
+    created: UtcDatetime
 
 
 class BundleOut(BaseModel):
@@ -33,7 +36,7 @@ class BundleOut(BaseModel):
     initial_sha256: str
     sha256: str = Field(description="sha256 of the bundle archive served at /archive")
     bytes: int
-    created: datetime
+    created: UtcDatetime
 
 
 class BundleDetail(BundleOut):
@@ -55,7 +58,7 @@ class PatchOut(BaseModel):
     examples: int
     metrics: dict[str, Any]
     parent_ids: Optional[list[str]]
-    created: datetime
+    created: UtcDatetime
 
 
 class AggregateRequest(BaseModel):
