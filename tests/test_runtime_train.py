@@ -220,3 +220,16 @@ def test_roles_train_only_a_subset_and_replay(tiny_bert_bundle, toy, tmp_path):
     assert all(np.array_equal(trained[k], replayed[k]) for k in trained)
     with pytest.raises(ZoedgeError, match="bad --roles"):
         train(tiny_bert_bundle, toy[0], tmp_path / "q", TrainConfig(steps=2, roles=["bias"]), log=quiet)
+
+
+def test_linear_probe_l2_is_chosen_on_held_out_data():
+    """Few noisy examples in many dimensions: the held-out split must prefer real regularisation."""
+    from zoedge.runtime.probe import choose_l2
+
+    rng = np.random.default_rng(0)
+    n, h = 200, 300
+    y = rng.integers(0, 2, n)
+    x = rng.standard_normal((n, h)) + 0.4 * y[:, None] * (np.arange(h) < 5)  # signal in 5 of 300 dims
+    l2, scores = choose_l2(x.astype(np.float32), y, 2)
+    assert set(scores) == {1e-3, 1e-2, 1e-1, 1.0}
+    assert l2 >= 1e-1 and scores[l2] >= scores[1e-3]

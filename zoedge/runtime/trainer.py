@@ -23,7 +23,7 @@ from zoedge.runtime.data import label_indices, read_examples
 from zoedge.runtime.forward import BoundForward, open_forward
 from zoedge.runtime.memory import current_rss_mb, parse_size, peak_rss_mb, plan_batch
 from zoedge.runtime.patch import PATCH_FILES, write_patch
-from zoedge.runtime.probe import fit_linear_probe
+from zoedge.runtime.probe import choose_l2, fit_linear_probe
 from zoedge.runtime.zo import OPTIMIZERS, DirectionCache, OptimizerState, ZOConfig, clip_grads, perturbation_cycle, update
 
 MAX_FAILED_ROLLBACKS = 12  # consecutive rollbacks to the same good state before giving up
@@ -406,7 +406,8 @@ def _linear_probe(m: Manifest, evaluator: Evaluator, data: Dataset, tensors, lim
     n = len(data.texts)
     idx = np.random.Generator(np.random.PCG64(seed)).permutation(n)[:limit] if n > limit else np.arange(n)
     (features,) = evaluator.outputs([data.texts[i] for i in idx], (OUTPUT_FEATURES,))
-    w, b = fit_linear_probe(features, data.labels[idx], len(m.labels))
+    l2, _ = choose_l2(features, data.labels[idx], len(m.labels), seed)
+    w, b = fit_linear_probe(features, data.labels[idx], len(m.labels), l2=l2)
     head = [t for t in m.trainables if t.role == "head"]
     start = {}
     for t in head:
