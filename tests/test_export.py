@@ -145,3 +145,9 @@ def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
     assert kept.quantization_details["excluded_by_pattern"] == 8  # 2 layers x 2 dense Linears x (MatMul, bias Add)
     n_plain = plain.quantization_details["quantized_ops"]["MatMulInteger"]
     assert kept.quantization_details["quantized_ops"]["MatMulInteger"] == n_plain - 4
+
+
+def test_llama_int8_keeps_down_proj_in_float_by_default(tmp_path):
+    m = Manifest.load(export_tiny(tmp_path / "l", "tiny-llama", "--quant", "int8"))
+    assert m.quantization_details["exclude_pattern"] == "down_proj"
+    assert m.quantization_details["excluded_by_pattern"] >= 2  # one down_proj MatMul per layer
