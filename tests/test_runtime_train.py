@@ -233,3 +233,16 @@ def test_linear_probe_l2_is_chosen_on_held_out_data():
     l2, scores = choose_l2(x.astype(np.float32), y, 2)
     assert set(scores) == {1e-3, 1e-2, 1e-1, 1.0}
     assert l2 >= 1e-1 and scores[l2] >= scores[1e-3]
+
+
+def test_linear_probe_ignores_near_constant_features():
+    """A feature with ~zero variance must not get a huge weight (it made ZO perturbations explode)."""
+    from zoedge.runtime.probe import fit_linear_probe
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    x = rng.standard_normal((500, 8)) + y[:, None] * 1.0  # Bayes accuracy ~0.91 on the 7 live features
+    x[:, 3] = 0.7 + rng.standard_normal(500) * 1e-9  # near-constant
+    w, b = fit_linear_probe(x.astype(np.float32), y, 2)
+    assert np.all(w[:, 3] == 0) and np.abs(w).max() < 10
+    assert ((x @ w.T + b).argmax(1) == y).mean() > 0.85

@@ -15,8 +15,13 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, 
                      iters: int = 500, lr: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """Returns (W [labels, hidden], b [labels]) for logits = features @ W.T + b."""
     x = features.astype(np.float64)
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    xs = (x - mu) / sd
+    mu, sd = x.mean(0), x.std(0)
+    # Near-constant features (MiniLM int8 has three with sd ~1e-9 vs a median of 0.25) would get weights of
+    # ~2400 after un-standardising: harmless on frozen features, but a ZO perturbation that nudges such a
+    # feature then swings the logits wildly (BitFit diverged at step 1). They carry no signal: weight 0.
+    live = sd >= 1e-3 * max(float(np.median(sd)), 1e-12)
+    sd = np.where(live, sd, 1.0)
+    xs = np.where(live, (x - mu) / sd, 0.0)
     n, h = xs.shape
     y = np.eye(num_labels)[labels]
     w = np.zeros((h, num_labels))
@@ -29,6 +34,7 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, 
         g = (p - y) / n
         w -= lr * (xs.T @ g + l2 * w)
         b -= lr * g.sum(0)
+    w[~live] = 0.0
     w_orig = (w / sd[:, None]).T  # undo the standardisation
     b_orig = b - (mu / sd) @ w
     return w_orig.astype(np.float32), b_orig.astype(np.float32)
