@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.zoedge-installed
 SST2   ?= ../shared/data/sst2
 DEMO   ?= demo-out
 
-.PHONY: install demo test test-slow test-server test-tflite test-reliability clean
+.PHONY: install demo test test-slow test-server test-tflite test-reliability bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,10 @@ test-tflite:
 test-reliability: install
 	$(PY) scripts/crash_harness.py --kills 50 --json
 	ZOEDGE_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_reliability_server.py
+
+# Side-by-side benchmarks (results in bench/results, table in docs/benchmarks.md); about an hour.
+bench: install
+	$(VENV)/bin/zoedge bench --data $(SST2)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

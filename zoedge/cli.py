@@ -210,3 +210,7 @@ def main() -> None:  # pragma: no cover - console entry
 from zoedge import fleet_cli  # noqa: E402
 
 fleet_cli.register(app)
+
+from zoedge.bench import cli as bench_cli  # noqa: E402
+
+bench_cli.register(app)

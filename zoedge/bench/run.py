@@ -1,0 +1,113 @@
+"""Plan and run `zoedge bench`: export the bundles once (cached), then each contender in its own worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+ORDER = ["ort-infer-fp32", "ort-infer-int8", "zo-fp32", "zo-int8", "zo-int8-q4-batched", "torch-mezo",
+         "torch-backprop", "ort-training"]
+ENCODERS = {"minilm", "tiny-bert"}
+
+# Per model: full-run sizes. Learning runs: zo-int8 (learn_steps) and torch-backprop (backprop_steps).
+FULL = {
+    "minilm": dict(batch=16, max_length=64, steps=30, warmup=3, learn_steps=600, eval_every=100,
+                   backprop_steps=160, backprop_eval_every=40, train_rows=2000, test_limit=0),
+    "smollm2-135m": dict(batch=16, max_length=48, steps=4, warmup=1, learn_steps=20, eval_every=10,
+                         backprop_steps=4, backprop_eval_every=4, train_rows=2000, test_limit=128),
+}
+QUICK = dict(batch=8, max_length=32, steps=5, warmup=1, learn_steps=20, eval_every=10, backprop_steps=10,
+             backprop_eval_every=5, train_rows=256, test_limit=64)
+
+
+def settings(model: str, quick: bool, work: Path, data: Path, threads: int = 1) -> dict:
+    s = dict(QUICK if quick else FULL.get(model, FULL["minilm"]))
+    work.mkdir(parents=True, exist_ok=True)
+    train = work / f"train-{s['train_rows']}.tsv"
+    with open(data / "train.tsv") as f:
+        train.write_text("".join(line for _, line in zip(range(s["train_rows"] + 1), f)))
+    encoder = model in ENCODERS or "bert" in model
+    s.update(model=model, quick=quick, work=str(work), train=str(train), test=str(data / "test.tsv"), seed=0,
+             threads=threads, trainable="lora,head", backprop_lr=1e-3, learn=True, encoder=encoder,
+             start_head=str(work / "start_head.safetensors") if encoder else None)
+    s["bundles"] = {"fp32": str(work / "bundle-fp32"), "int8": str(work / "bundle-int8"),
+                    "int8-copies8": str(work / "bundle-int8-copies8")}
+    return s
+
+
+def export_bundles(s: dict, log) -> None:
+    for key, extra in (("fp32", ["--quant", "fp32"]), ("int8", ["--quant", "int8"]),
+                       ("int8-copies8", ["--quant", "int8", "--copies", "8"])):
+        out = Path(s["bundles"][key])
+        if (out / "manifest.json").is_file():
+            continue
+        log(f"bench: exporting {s['model']} {key} -> {out}")
+        cmd = [sys.executable, "-m", "zoedge", "export", s["model"], "--out", str(out), "--max-length",
+               str(s["max_length"]), "--trainable", s["trainable"], "--force", *extra]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def thread_env(threads: int) -> dict:
+    """The same thread count for every engine: onnxruntime (ZOEDGE_THREADS), torch/OpenMP, tokenizers."""
+    env = dict(os.environ)
+    if threads:
+        env.update(ZOEDGE_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if threads == 1:
+            env["TOKENIZERS_PARALLELISM"] = "false"
+    return env
+
+
+def run_worker(name: str, settings_file: Path, out: Path, timeout: float, log) -> dict:
+    log(f"bench: {name} ...")
+    threads = json.loads(settings_file.read_text())["threads"]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", "zoedge.bench.worker", name, "--settings", str(settings_file),
+                            "--json", str(out)], capture_output=True, text=True, timeout=timeout,
+                           env=thread_env(threads))
+        if not out.is_file():
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"contender": name, "ok": False, "reason": f"worker exited {p.returncode}: {tail[:300]}"}
+        row = json.loads(out.read_text())
+        if not row.get("ok"):
+            (out.with_suffix(".stderr")).write_text(p.stderr)
+    except subprocess.TimeoutExpired:
+        row = {"contender": name, "ok": False, "reason": f"timed out after {timeout:.0f} s"}
+    log(f"bench: {name} done in {time.perf_counter() - t:.0f}s: "
+        + (f"peak {row.get('peak_rss_mb')} MB, step {row.get('step_ms') or row.get('forward_ms')} ms"
+           if row.get("ok") else f"FAILED {row.get('reason')}"))
+    return row
+
+
+def run_model(model: str, quick: bool, work: Path, data: Path, only: list[str] | None, threads: int = 1,
+              log=print) -> dict:
+    s = settings(model, quick, work, data, threads)
+    names = [n for n in ORDER if not only or n in only]
+    t0 = time.time()
+    rows: dict[str, dict] = {}
+    try:
+        export_bundles(s, log)
+    except subprocess.CalledProcessError as e:
+        reason = f"export failed: {e}"
+        return {"settings": s, "rows": {n: {"contender": n, "ok": False, "reason": reason} for n in names}}
+    sf = work / "settings.json"
+    rows_dir = work / "rows"
+    shutil.rmtree(rows_dir, ignore_errors=True)
+    rows_dir.mkdir()
+    if s["start_head"]:  # the shared start: a linear-probe head on fp32 features (numpy)
+        sf.write_text(json.dumps(s))
+        head = run_worker("start-head", sf, rows_dir / "start-head.json", 1800, log)
+        s["start_head_row"] = head
+        if not head.get("ok"):
+            s["start_head"] = None
+    sf.write_text(json.dumps(s))
+    for n in names:
+        rows[n] = run_worker(n, sf, rows_dir / f"{n}.json", 3600, log)
+    return {"settings": s, "rows": rows, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            "seconds": round(time.time() - t0, 1)}
