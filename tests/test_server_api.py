@@ -253,3 +253,12 @@ def test_dashboard_lists_patches_with_accuracy(fleet, tmp_path):
     html = page.text
     assert r["patch_id"][:12] in html and "0.812" in html and "<svg" in html
     assert "&lt;b&gt;kitchen-pi&lt;/b&gt;" in html and "<b>kitchen-pi" not in html
+
+
+def test_out_of_range_query_integer_is_422_not_500(fleet):
+    """Found by the schema fuzz: a version beyond int64 overflowed the database driver (500)."""
+    _, token = fleet.device()
+    with fleet.http() as http:
+        r = http.get("/v1/patches", params={"version": 698335449393625300992},
+                     headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 422

@@ -58,7 +58,7 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
 
 @router.get("", response_model=list[PatchOut])
 def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = None,
-                 device_id: Optional[str] = None, version: Optional[int] = None,
+                 device_id: Optional[str] = None, version: Optional[int] = Query(None, ge=0, le=2**31 - 1),
                  kind: Optional[Literal["adapter", "trajectory", "global"]] = None,
                  limit: int = Query(1000, ge=1, le=10000)) -> list[Patch]:
     """Patches visible to the caller (a device: its own and the global ones; the admin: all), oldest first."""
