@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from zoedge.fsio import fsync_dir
 from zoedge.device.archive import pack
 from zoedge.device.patchdir import check_carried_files, format_files
 from zoedge.manifest import sha256_file
@@ -64,7 +65,7 @@ class Outbox:
             os.replace(tmp, self.archive_path(sha))
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         existing = self._read_meta(sha)
         if existing is not None:
             return existing
@@ -128,10 +129,3 @@ class Outbox:
     def _write_meta(self, entry: OutboxEntry) -> None:
         write_json_atomic(self._meta_path(entry.sha256), asdict(entry))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

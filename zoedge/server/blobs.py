@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from zoedge.fsio import fsync_dir
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import sha256_file
 
@@ -64,7 +65,7 @@ class BlobStore:
             os.fsync(f.fileno())
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
 
     def put_copy(self, src: Path) -> str:
@@ -76,10 +77,3 @@ class BlobStore:
                 self.put_file(tmp, sha)
         return sha
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
