@@ -17,8 +17,8 @@ ENCODERS = {"minilm", "tiny-bert"}
 
 # Per model: full-run sizes. Learning runs: zo-int8 (learn_steps) and torch-backprop (backprop_steps).
 FULL = {
-    "minilm": dict(batch=16, max_length=64, steps=30, warmup=3, learn_steps=600, eval_every=100,
-                   backprop_steps=160, backprop_eval_every=40, train_rows=2000, test_limit=0),
+    "minilm": dict(batch=16, max_length=64, steps=20, warmup=3, learn_steps=300, eval_every=100,
+                   backprop_steps=80, backprop_eval_every=40, train_rows=2000, test_limit=0),
     "smollm2-135m": dict(batch=16, max_length=48, steps=4, warmup=1, learn_steps=20, eval_every=10,
                          backprop_steps=4, backprop_eval_every=4, train_rows=2000, test_limit=128),
 }
