@@ -19,6 +19,14 @@ def parse_size(text: str) -> int:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM from /proc (ru_maxrss carries a large parent's peak over fork+exec)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
