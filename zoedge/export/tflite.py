@@ -162,24 +162,13 @@ def _run_file(path: Path, signature: dict, key: str, args: tuple) -> list[np.nda
 
 def verify_tflite(bundle_dir: str | Path, data: str | Path | None = None, n: int = 32, seed: int = 0) -> dict:
     """`zoedge verify` for a TFLite bundle: LiteRT vs torch, same random non-zero trainables."""
-    from zoedge.export.assemble import build_selection
-    from zoedge.export.bundle import BUILTIN_CALIBRATION
-    from zoedge.export.verify import _agreement, random_trainables
-    from zoedge.models.registry import load_source
+    from zoedge.export.verify import _agreement, reference_inputs
     from zoedge.runtime.bundle import Bundle
-    from zoedge.runtime.data import read_examples
     from zoedge.runtime.tflite_forward import TFLiteForward
 
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
-    src = load_source(m.model_id)
-    lora = m.lora
-    sel = build_selection(src, m.task, len(m.labels), m.label_token_ids, m.trainable_kinds,
-                          lora.rank if lora else 8, lora.alpha if lora else 16.0, lora.targets if lora else None)
-    wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
-    trainables = random_trainables(m, seed, bundle.initial_trainables())
-    texts = read_examples(data, need_labels=False).texts[:n] if data else BUILTIN_CALIBRATION[:n]
-    ids, mask = bundle.encoder(texts)
+    wrapper, trainables, texts, ids, mask = reference_inputs(bundle, data, n, seed)
     names = [o.name for o in m.outputs]
     got = TFLiteForward(bundle.path, m, trainables)(ids, mask, tuple(names))
     with torch.no_grad():

@@ -26,12 +26,26 @@ def random_trainables(manifest: Manifest, seed: int = 0, initial: dict[str, np.n
     return out
 
 
-def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int = 32, seed: int = 0) -> dict:
-    import torch
-
+def reference_inputs(bundle: Bundle, data, n: int, seed: int):
+    """The torch source model as a trainables-as-inputs wrapper, perturbed trainables, and tokenised sample
+    texts: what every engine's bundle is compared against."""
     from zoedge.export.assemble import build_selection
     from zoedge.export.onnx_graph import TrainablesAsInputs
     from zoedge.models.registry import load_source
+
+    m = bundle.manifest
+    lora = m.lora
+    sel = build_selection(load_source(m.model_id), m.task, len(m.labels), m.label_token_ids, m.trainable_kinds,
+                          lora.rank if lora else 8, lora.alpha if lora else 16.0, lora.targets if lora else None)
+    wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
+    trainables = random_trainables(m, seed, bundle.initial_trainables())
+    texts = read_examples(data, need_labels=False).texts[:n] if data else BUILTIN_CALIBRATION[:n]
+    ids, mask = bundle.encoder(texts)
+    return wrapper, trainables, texts, ids, mask
+
+
+def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int = 32, seed: int = 0) -> dict:
+    import torch
 
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
@@ -39,15 +53,7 @@ def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int
         from zoedge.export.tflite import verify_tflite
 
         return verify_tflite(bundle_dir, data, n, seed)
-    src = load_source(m.model_id)
-    lora = m.lora
-    sel = build_selection(src, m.task, len(m.labels), m.label_token_ids, m.trainable_kinds,
-                          lora.rank if lora else 8, lora.alpha if lora else 16.0, lora.targets if lora else None)
-    wrapper = TrainablesAsInputs(sel.module, sel.param_names).eval()
-
-    trainables = random_trainables(m, seed, bundle.initial_trainables())
-    texts = read_examples(data, need_labels=False).texts[:n] if data else BUILTIN_CALIBRATION[:n]
-    ids, mask = bundle.encoder(texts)
+    wrapper, trainables, texts, ids, mask = reference_inputs(bundle, data, n, seed)
 
     session = create_session(bundle.path, m)
     # A copies bundle gets a different θ per copy; copy c's rows must match torch run with θ_c.
