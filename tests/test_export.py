@@ -147,7 +147,32 @@ def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
     assert kept.quantization_details["quantized_ops"]["MatMulInteger"] == n_plain - 4
 
 
-def test_llama_int8_keeps_down_proj_in_float_by_default(tmp_path):
-    m = Manifest.load(export_tiny(tmp_path / "l", "tiny-llama", "--quant", "int8"))
+def test_llama_int8_is_weight_only_and_int8_dynamic_keeps_down_proj_in_float(tmp_path):
+    """`--quant int8` on llama = weight-only MatMulNBits (activations stay float: dynamic per-tensor activation
+    scales cost SmolLM2 11 points); `--quant int8-dynamic` is still there, with down_proj kept in float."""
+    out = export_tiny(tmp_path / "w", "tiny-llama", "--quant", "int8")
+    m = Manifest.load(out)
+    d = m.quantization_details
+    assert m.quantization == "int8" and d["scheme"] == "int8-weight" and d["bits"] == 8
+    assert d["quantized_ops"].get("MatMulNBits", 0) >= 7 * 2 and "MatMulInteger" not in d["quantized_ops"]
+    r = verify_bundle(out)
+    assert r["max_abs_diff"] < 0.05 and r["prediction_agreement"] == 1.0, r
+    m = Manifest.load(export_tiny(tmp_path / "d", "tiny-llama", "--quant", "int8-dynamic"))
+    assert m.quantization_details["scheme"] == "int8-dynamic"
     assert m.quantization_details["exclude_pattern"] == "down_proj"
     assert m.quantization_details["excluded_by_pattern"] >= 2  # one down_proj MatMul per layer
+    assert Manifest.load(export_tiny(tmp_path / "b", "tiny-bert", "--quant", "int8")).quantization_details[
+        "scheme"] == "int8-dynamic"
+
+
+def test_llama_int4_is_hqq_with_float_zero_points(tmp_path):
+    out = export_tiny(tmp_path / "q4", "tiny-llama", "--quant", "int4")
+    m = Manifest.load(out)
+    assert m.quantization_details["algorithm"] == "HQQ" and m.quantization_details["block_size"] == 32
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"))
+    zero_points = [i for i in model.graph.initializer if i.name.endswith("_zero_points")]
+    assert zero_points and all(z.data_type == onnx.TensorProto.FLOAT for z in zero_points)
+    r = verify_bundle(out)
+    assert r["max_abs_diff"] < 0.5, r  # random 64-wide weights are not on a 4-bit grid; SmolLM2's are (slow test)

@@ -30,7 +30,7 @@ TARGET_QUANT = {"cpu": "fp32", "pi": "int8", "phone": "int8", "jetson": "fp16"}
 # Modules kept in float by default when quantizing, per architecture and mode (--quant-exclude overrides).
 # Llama MLP down-projections carry activation outliers: SmolLM2-135M int8 per-channel scored 67.7% on SST-2
 # test (fp32 78.4%); keeping down_proj in float gives 78.2% for 311 MB instead of 232 MB (docs/quantization.md).
-DEFAULT_QUANT_EXCLUDE = {("llama", "int8"): "down_proj"}
+DEFAULT_QUANT_EXCLUDE = {("llama", "int8-dynamic"): "down_proj"}
 CALIBRATION_SAMPLE = 128
 
 
@@ -133,7 +133,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
 
     from zoedge.export.assemble import build_selection
     from zoedge.export.onnx_graph import TrainablesAsInputs, export_onnx
-    from zoedge.export.quantize import quantize
+    from zoedge.export.quantize import quantize, resolve_mode
     from zoedge.export.trainables import parse_kinds
     from zoedge.models.registry import load_source
 
@@ -141,11 +141,10 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     log(f"loading {opts.model} ...")
     src = load_source(opts.model)
     quant = opts.quant or TARGET_QUANT[opts.target]
-    if quant == "int8" and src.defaults.get("quant_for_int8") and opts.quant is None:
-        quant = src.defaults["quant_for_int8"]  # per-model override where dynamic int8 loses accuracy
+    scheme = resolve_mode(quant, src.architecture)
     quant_exclude = opts.quant_exclude
     if quant_exclude is None:
-        quant_exclude = DEFAULT_QUANT_EXCLUDE.get((src.architecture, quant))
+        quant_exclude = DEFAULT_QUANT_EXCLUDE.get((src.architecture, scheme))
     if quant == "int4" and src.kind != "decoder":
         raise ZoedgeError(f"--quant int4 (MatMulNBits) is for decoder models; {opts.model} is an {src.kind}")
     if opts.task == "lm" and src.kind != "decoder":
@@ -203,7 +202,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             else:
                 log(f"quantizing ({quant}) ...")
                 feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
-                details = quantize(fp32_path, tmp / MODEL_FILE, quant, list(initial), feeds, quant_exclude)
+                details = quantize(fp32_path, tmp / MODEL_FILE, scheme, list(initial), feeds, quant_exclude)
+                details["scheme"] = scheme
                 if feeds is not None:
                     details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"
                 fp32_path.unlink()

@@ -18,6 +18,17 @@ import onnx
 from zoedge.errors import ZoedgeError
 
 QUANTIZED_OPS = ["MatMul", "Gemm"]
+BLOCK_SIZE = 32  # MatMulNBits block along the input dimension; equals GGUF's Q4 block, so Q4_1 weights map 1:1
+
+# `--quant int8` is the 8-bit scheme that keeps accuracy for the architecture (docs/quantization.md): encoders
+# use dynamic per-channel int8 (integer GEMMs; MiniLM keeps 97.5% of predictions); llama decoders use
+# weight-only int8, since quantizing their activations per tensor costs SmolLM2 11 points of SST-2.
+INT8_SCHEME = {"llama": "int8-weight"}
+
+
+def resolve_mode(mode: str, architecture: str) -> str:
+    """The concrete quantization scheme for a requested mode (only 'int8' depends on the architecture)."""
+    return INT8_SCHEME.get(architecture, "int8-dynamic") if mode == "int8" else mode
 
 
 def trainable_path_nodes(model: onnx.ModelProto, trainable_names: Iterable[str]) -> list[str]:
@@ -77,7 +88,7 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
         fp16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded)
         onnx.save(fp16, str(dst))
         details.update(method="onnxruntime.transformers.float16", keep_io_types=True)
-    elif mode == "int8":
+    elif mode == "int8-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
@@ -102,13 +113,18 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
                         extra_options={"ActivationSymmetric": True})
         details.update(method="quantize_static", format="QDQ", per_channel=True, activation_type="QInt8",
                        weight_type="QInt8", calibration_batches=len(calibration_feeds), op_types=QUANTIZED_OPS)
-    elif mode == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    elif mode in ("int8-weight", "int4"):
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
-        q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, nodes_to_exclude=excluded)
+        if mode == "int4":  # HQQ: float zero points, so a GGUF Q4_1 base (SmolLM2) is re-encoded losslessly
+            config = mnb.HQQWeightOnlyQuantConfig(block_size=BLOCK_SIZE, bits=4)
+            details.update(method="MatMulNBits", algorithm="HQQ", bits=4, block_size=BLOCK_SIZE)
+        else:
+            config = mnb.DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, bits=8)
+            details.update(method="MatMulNBits", algorithm="RTN", bits=8, block_size=BLOCK_SIZE, symmetric=True)
+        q = mnb.MatMulNBitsQuantizer(model, nodes_to_exclude=excluded, algo_config=config)
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=False)
-        details.update(method="MatMulNBits", bits=4, block_size=32, symmetric=True)
     else:
         raise ZoedgeError(f"unknown quantization {mode!r}")
     qmodel = onnx.load(str(dst), load_external_data=False)
