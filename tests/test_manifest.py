@@ -40,6 +40,8 @@ def test_unknown_keys_are_ignored(tmp_path):
     (lambda d: d["trainables"][0].update(role="magic"), "unknown role"),
     (lambda d: d.update(labels=["only"]), "two labels"),
     (lambda d: d.update(trainables="nope"), "malformed"),
+    (lambda d: d.update(prompt_candidates=["no placeholder"]), "prompt candidate"),
+    (lambda d: d.update(prompt_candidates="{sentence}"), "list of strings"),
 ])
 def test_bad_manifests_are_refused(mutate, message):
     d = make().to_dict()

@@ -20,6 +20,7 @@ from zoedge.runtime.engine import create_session
 from zoedge.runtime.forward import BoundForward
 from zoedge.runtime.patch import ADAPTER_FILE, replay_patch
 from zoedge.runtime.tensors import load_tensors
+from zoedge.runtime.evaluate import evaluate
 from zoedge.runtime.trainer import TrainConfig, train
 
 
@@ -246,3 +247,45 @@ def test_linear_probe_ignores_near_constant_features():
     w, b = fit_linear_probe(x.astype(np.float32), y, 2)
     assert np.all(w[:, 3] == 0) and np.abs(w).max() < 10
     assert ((x @ w.T + b).argmax(1) == y).mean() > 0.85
+
+
+def test_decoder_picks_its_prompt_by_held_out_probe_accuracy(tiny_llama_bundle, toy, tmp_path):
+    """The default decoder recipe: a linear-probe head start through the best of the bundle's prompt candidates
+    (the exported prompt, a continuation, the chat template); the patch records the choice and the scores."""
+    train_file, dev_file = toy
+    m = Bundle.open(tiny_llama_bundle).manifest
+    assert m.prompt_candidates[0] == m.prompt_template and len(m.prompt_candidates) == 3
+    assert any("<|im_start|>assistant" in c for c in m.prompt_candidates)
+    train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2), eval_path=dev_file, log=quiet)
+    doc = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert doc["hyperparameters"]["head_init"] == "lp"
+    searched = doc["prompt_search"]
+    assert [r["prompt_template"] for r in searched] == m.prompt_candidates
+    best = max(r["held_out_accuracy"] for r in searched)
+    assert doc["prompt_template"] == next(r["prompt_template"] for r in searched if r["held_out_accuracy"] == best)
+
+
+def test_a_decoder_patch_is_read_through_its_prompt(tiny_llama_bundle, toy, tmp_path):
+    train_file, dev_file = toy
+    template = "Text: {sentence} Mood:"
+    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, prompt=template, keep="last",
+                                                                        eval_every=2), eval_path=dev_file, log=quiet)
+    doc = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert doc["prompt_template"] == template and "prompt_search" not in doc
+    through_patch = evaluate(tiny_llama_bundle, dev_file, tmp_path / "p")
+    assert through_patch["loss"] == pytest.approx(r["history"][-1]["eval_loss"], abs=1e-6)
+    (tmp_path / "p2").mkdir()  # the same tensors read through the bundle's own prompt score differently
+    for f in (tmp_path / "p").iterdir():
+        (tmp_path / "p2" / f.name).write_bytes(f.read_bytes())
+    doc.pop("prompt_template")
+    (tmp_path / "p2" / "patch.json").write_text(json.dumps(doc))
+    assert evaluate(tiny_llama_bundle, dev_file, tmp_path / "p2")["loss"] != pytest.approx(through_patch["loss"], abs=1e-6)
+
+
+def test_prompt_option_errors(tiny_llama_bundle, tiny_bert_bundle, toy, tmp_path):
+    train_file, _ = toy
+    with pytest.raises(ZoedgeError, match="must contain {sentence}"):
+        train(tiny_llama_bundle, train_file, tmp_path / "a", TrainConfig(steps=1, prompt="no slot"), log=quiet)
+    with pytest.raises(ZoedgeError, match="only decoder classify"):
+        train(tiny_bert_bundle, train_file, tmp_path / "b", TrainConfig(steps=1, prompt="x {sentence}"), log=quiet)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

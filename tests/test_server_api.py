@@ -262,3 +262,23 @@ def test_out_of_range_query_integer_is_422_not_500(fleet):
         r = http.get("/v1/patches", params={"version": 698335449393625300992},
                      headers={"Authorization": f"Bearer {token}"})
     assert r.status_code == 422
+
+
+def test_aggregate_needs_one_prompt_template_and_the_global_patch_carries_it(fleet, tmp_path):
+    """Decoder patches may pick their own prompt; averaging heads fitted through different prompts is refused."""
+    _, a = fleet.device()
+    ids = []
+    for i, template in enumerate(("A: {sentence}", "B: {sentence}", "A: {sentence}")):
+        p = make_patch(fleet.bundle_dir, tmp_path / f"p{i}", run_seed=80 + i, seed=80 + i)
+        doc = json.loads((p / "patch.json").read_text())
+        (p / "patch.json").write_text(json.dumps({**doc, "prompt_template": template}))
+        with fleet.client(a) as c:
+            ids.append(c.push(p, "adapter", Outbox(tmp_path / f"o{i}"))["patch_id"])
+    with fleet.http(fleet.admin_token) as http:
+        r = http.post(f"/v1/bundles/{fleet.bundle_id}/aggregate", json={"patch_ids": ids[:2]})
+        assert r.status_code == 400 and "different prompt templates" in r.text
+    with fleet.admin() as admin:
+        g = admin.aggregate(fleet.bundle_id, [ids[0], ids[2]])
+    with fleet.client(a) as c:
+        c.pull(g["patch_id"], tmp_path / "global")
+    assert read_patch(tmp_path / "global")["prompt_template"] == "A: {sentence}"

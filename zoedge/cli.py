@@ -139,6 +139,10 @@ def train(
     optimizer: str = typer.Option("zo-sgd", help="zo-sgd | zo-momentum | zo-adam"),
     objective: Optional[str] = typer.Option(None, help="ce | accuracy | f1 (classify), lm (lm bundles)"),
     head_init: Optional[str] = typer.Option(None, help="lp (linear-probe fit of the head first) | none"),
+    lp_examples: Optional[int] = typer.Option(None, help="Training examples for the linear-probe head start "
+                                                         "(default: 30000 encoder, 8000 decoder)"),
+    prompt: Optional[str] = typer.Option(None, help="Decoder bundles: auto (default: pick among the bundle's prompt "
+                                                    "candidates by held-out probe accuracy) or a template with {sentence}"),
     weight_decay: float = typer.Option(0.0, help="Weight decay (not on biases / norms)"),
     lr_schedule: str = typer.Option("constant", help="constant | linear | cosine"),
     clip: float = typer.Option(0.0, help="Clip |projected gradient| to this value (0 = off)"),
@@ -160,8 +164,8 @@ def train(
     from zoedge.runtime.trainer import train as run_train
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, perturbations=perturbations, batched=batched,
-                      optimizer=optimizer, objective=objective, head_init=head_init, weight_decay=weight_decay,
-                      lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
+                      optimizer=optimizer, objective=objective, head_init=head_init, lp_examples=lp_examples, prompt=prompt,
+                      weight_decay=weight_decay, lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
                       patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed,
                       roles=_csv(roles))
     with TrainProgress() as progress:

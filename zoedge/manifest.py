@@ -87,6 +87,8 @@ class Manifest:
     label_words: list[str] = field(default_factory=list)
     label_token_ids: list[int] = field(default_factory=list)
     prompt_template: str = ""  # "{sentence}" is replaced by the example text; empty for encoders
+    # Templates the device may choose among for its linear-probe head start (the first is prompt_template).
+    prompt_candidates: list[str] = field(default_factory=list)
     padding_side: str = "right"
     truncation_side: str = "right"
     lora: LoraSpec | None = None
@@ -120,6 +122,8 @@ class Manifest:
             raise ZoedgeError("manifest: a classify bundle needs at least two labels")
         if self.kind == "decoder" and self.task == "classify" and len(self.label_token_ids) != len(self.labels):
             raise ZoedgeError("manifest: a decoder classify bundle needs one label word per label")
+        if any("{sentence}" not in c for c in self.prompt_candidates):
+            raise ZoedgeError("manifest: every prompt candidate must contain {sentence}")
         names = [t.name for t in self.trainables]
         if len(set(names)) != len(names):
             raise ZoedgeError("manifest: duplicate trainable tensor names")
@@ -143,7 +147,7 @@ class Manifest:
                 raise bad(name, "a non-negative integer")
         if self.max_length < 2:
             raise bad("max_length", "at least 2")
-        for name in ("labels", "label_words", "trainable_kinds"):
+        for name in ("labels", "label_words", "trainable_kinds", "prompt_candidates"):
             v = getattr(self, name)
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise bad(name, "a list of strings")

@@ -29,6 +29,8 @@ def _data(s: dict, bundle_dir: str):
     from zoedge.runtime.trainer import load_dataset
 
     b = Bundle.open(bundle_dir)
+    if s.get("prompt"):  # the template the shared start chose (decoders); every contender reads through it
+        b.encoder.template = s["prompt"]
     return b, load_dataset(s["train"], b.manifest), load_dataset(s["test"], b.manifest, s["test_limit"])
 
 
@@ -90,7 +92,8 @@ def zoedge_zo(s: dict, quant: str, learn: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = trainer.TrainConfig(steps=steps, batch_size=s["batch"], seed=s["seed"],
                               eval_every=s["eval_every"] if learn else steps, keep="last", eval_limit=s["test_limit"],
-                              head_init="lp" if s["encoder"] else "none")
+                              head_init="lp" if s.get("start_head") else "none",  # the default recipe's start
+                              prompt=s.get("prompt"))
     marks: list[dict] = []
     step_s: list[float] = []
     clock = {"prev": None, "train": 0.0}
@@ -343,9 +346,11 @@ def start_head(s: dict) -> dict:
     bundle, train, _ = _data(s, s["bundles"]["fp32"])
     tensors = bundle.initial_trainables()
     ev = Evaluator(bundle, open_forward(bundle, tensors), batch=s["batch"])
-    head = _linear_probe(bundle.manifest, ev, train, tensors, 4000, s["seed"])
+    m = bundle.manifest
+    head, searched = _linear_probe(m, bundle, ev, train, tensors, 4000, s["seed"], m.prompt_candidates, lambda _m: None)
     save_tensors(head, s["start_head"])
-    return {"tensors": sorted(head)}
+    return {"tensors": sorted(head), "prompt": bundle.encoder.template if m.kind == "decoder" else None,
+            "prompt_search": searched}
 
 
 CONTENDERS = {

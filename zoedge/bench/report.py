@@ -116,7 +116,7 @@ def markdown(docs: list[dict]) -> str:
                 f"{d.get('seconds', 0):.0f} s. " + (
                     "Start: the trainer's linear-probe head (numpy, on the bundle's features of the training set); "
                     "the torch contenders start from the same fit on fp32-bundle features."
-                    if s.get("encoder") else "Start: the zero-shot prompt (label words), no head fit."), "",
+                    if s.get("start_head") else "Start: the zero-shot prompt (label words), no head fit."), "",
                 "| contender | peak RSS MB | RSS at end MB | step ms (fwd ms) | fwd / step | test acc start → end | steps "
                 "| torch | load |",
                 "|---|---|---|---|---|---|---|---|---|"]

@@ -167,6 +167,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
         if len(set(label_ids)) != len(label_ids):
             raise ZoedgeError("bad --label-words: two label words start with the same token")
         truncation_side = "left"  # keep the prompt's end, where the label word is predicted
+    candidates = [prompt, *prompt_candidates(src.tokenizer, label_words)] if prompt and not opts.prompt else []
+    candidates = list(dict.fromkeys(candidates))
     sel = build_selection(src, opts.task, len(opts.labels), label_ids, kinds, opts.lora_rank, opts.lora_alpha,
                           opts.lora_targets)
 
@@ -221,6 +223,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             model_source=src.source, num_parameters=sum(p.numel() for p in src.model.parameters()),
             labels=list(opts.labels) if opts.task == "classify" else [],
             label_words=list(label_words), label_token_ids=label_ids, prompt_template=prompt,
+            prompt_candidates=candidates,
             truncation_side=truncation_side, lora=sel.lora, copies=opts.copies, model_format=opts.format,
             model_file=model_file, signature=signature, quantization=quant, quantization_details=details,
             target=opts.target, providers=providers_for(opts.target, opts.max_length),
@@ -287,6 +290,24 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def prompt_candidates(tokenizer, label_words: list[str]) -> list[str]:
+    """Other templates a device may pick for its linear-probe head start (by held-out accuracy on its own data):
+    a plain continuation, and the model's chat template when it has one (instruct models). Measured on SmolLM2
+    (docs/learning.md): the chat template's features probe best although its zero-shot accuracy is the worst."""
+    words = " or ".join(w.strip() for w in label_words)
+    out = ["{sentence} It was"]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            chat = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Is the sentiment of this text {words}?\n{{sentence}}"}],
+                add_generation_prompt=True, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that needs other roles: no chat candidate
+            chat = ""
+        if "{sentence}" in chat:
+            out.append(chat + "The sentiment is")
+    return out
 
 
 # A few neutral sentences for int8-static calibration when the user gives no --calibration file.

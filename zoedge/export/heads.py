@@ -39,9 +39,12 @@ class DecoderClassifier(nn.Module):
         super().__init__()
         self.lm = lm
         rows = lm.get_output_embeddings().weight.detach()[torch.tensor(label_token_ids)].clone()
-        self.label_head = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+        # The label words' LM rows plus a zero bias: the bundle starts at the prompt's zero-shot predictions, and
+        # a linear-probe head start on device can fit the class prior (calibration) as well as the direction.
+        self.label_head = nn.Linear(rows.shape[1], rows.shape[0], bias=True)
         with torch.no_grad():
             self.label_head.weight.copy_(rows)
+            self.label_head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

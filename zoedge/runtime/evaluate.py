@@ -9,7 +9,7 @@ import numpy as np
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.forward import open_forward
 from zoedge.runtime.memory import peak_rss_mb
-from zoedge.runtime.patch import load_patch_tensors
+from zoedge.runtime.patch import load_patch_doc, load_patch_tensors, prompt_of
 from zoedge.runtime.trainer import Evaluator, load_dataset
 
 
@@ -18,6 +18,8 @@ def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None 
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
     tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()
+    if patch and prompt_of(load_patch_doc(patch)):  # a decoder patch is read through the prompt it chose
+        bundle.encoder.template = prompt_of(load_patch_doc(patch))
     dataset = load_dataset(data, m, limit)
     fwd = open_forward(bundle, tensors)
     metrics = Evaluator(bundle, fwd, batch)(dataset)

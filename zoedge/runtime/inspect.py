@@ -20,6 +20,8 @@ def describe(bundle_dir: str | Path) -> str:
     ]
     if m.prompt_template:
         lines.append(f"prompt      {m.prompt_template!r} -> label words {m.label_words} (token ids {m.label_token_ids})")
+    if len(m.prompt_candidates) > 1:
+        lines.append(f"            + {len(m.prompt_candidates) - 1} candidate template(s) the device may pick in training")
     lines += [
         f"max length  {m.max_length} tokens ({m.padding_side} padding, {m.truncation_side} truncation)",
         f"trainable   {', '.join(m.trainable_kinds)}: {len(m.trainables)} tensors, {m.num_trainable:,} values "

@@ -121,6 +121,15 @@ def check_patch_fits(doc: dict[str, Any], manifest: Manifest, where: str) -> Non
                           f"bundle has {manifest.model_id} base {manifest.base_sha256[:12]}")
     if doc.get("initial_sha256") and doc["initial_sha256"] != manifest.initial_sha256:
         raise ZoedgeError(f"{where}: patch starts from other initial trainables than this bundle's")
+    prompt_of(doc, where)
+
+
+def prompt_of(doc: dict[str, Any], where: str = PATCH_FILE) -> str | None:
+    """The prompt template a decoder patch was trained through (None: the bundle's own)."""
+    template = doc.get("prompt_template")
+    if template is not None and not (isinstance(template, str) and "{sentence}" in template):
+        raise ZoedgeError(f"{where}: prompt_template must be a string containing {{sentence}}")
+    return template
 
 
 def load_patch_tensors(patch_dir: str | Path, manifest: Manifest) -> dict[str, np.ndarray]:

@@ -7,11 +7,11 @@ from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from zoedge.device.archive import pack
+from zoedge.device.archive import pack, unpack
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.bundle import check_trainables
-from zoedge.runtime.patch import ADAPTER_FILE, write_patch
+from zoedge.runtime.patch import ADAPTER_FILE, PATCH_FILES, load_patch_doc, prompt_of, write_patch
 from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.zo import ZOConfig
 from zoedge.server.intake import latest_global_version
@@ -56,11 +56,16 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
         examples = sum(p.examples for p in patches)
         cfg = ZOConfig()
         with state.blobs.temp_dir() as work:
+            prompts = {_prompt_of(state, p, work) for p in patches}
+            if len(prompts) > 1:  # a head fitted through one prompt means nothing averaged with another's
+                raise ZoedgeError("aggregate: the patches were trained through different prompt templates")
+            prompt = prompts.pop()
             # A global patch is an adapter, not a run: its trajectory is empty (replaying it gives the
             # bundle's initial tensors), so it is always used through adapter_model.safetensors.
             doc = write_patch(work / "patch", manifest, averaged, np.zeros((0, cfg.perturbations + 1), np.float32),
                               {}, {"kind": "global", "version": version, "parents": patch_ids, "steps": 0,
-                                   "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": {}})
+                                   "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": {},
+                                   **({"prompt_template": prompt} if prompt else {})})
             archive = work / "patch.tar"
             sha, size = pack(work / "patch", archive)
             row = Patch(device_id=None, bundle_id=bundle_id, kind="global", sha256=sha, bytes=size,
@@ -76,3 +81,10 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 "another aggregate of this bundle was created at the same time; retry") from None
         return row
+
+
+def _prompt_of(state: ServerState, patch: Patch, work) -> str | None:
+    """The prompt template in a stored patch's patch.json (decoder patches may choose their own)."""
+    d = work / f"doc-{patch.id}"
+    unpack(state.blobs.path(patch.archive_sha256), d, allowed=PATCH_FILES)
+    return prompt_of(load_patch_doc(d), f"patch {patch.id}")
