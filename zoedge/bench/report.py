@@ -186,7 +186,8 @@ def plots(d: dict, outdir: Path) -> dict:
             axes[0].text(0, target, " target: backprop best - 2 points", fontsize=7, va="bottom", color="#666")
         axes[0].set_xlabel("training seconds (evaluation excluded)")
         axes[1].set_xlabel("forward passes")
-        axes[1].set_xscale("symlog")
+        axes[1].set_xscale("symlog", linthresh=10)
+        axes[1].set_xlim(left=0)
         for ax in axes:
             ax.set_ylabel("SST-2 test accuracy (%)")
             ax.grid(alpha=0.3)

@@ -298,13 +298,17 @@ def prompt_candidates(tokenizer, label_words: list[str]) -> list[str]:
     (docs/learning.md): the chat template's features probe best although its zero-shot accuracy is the worst."""
     words = " or ".join(w.strip() for w in label_words)
     out = ["{sentence} It was"]
+    user = {"role": "user", "content": f"Is the sentiment of this text {words}?\n{{sentence}}"}
     if getattr(tokenizer, "chat_template", None):
-        try:
-            chat = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"Is the sentiment of this text {words}?\n{{sentence}}"}],
-                add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - a template that needs other roles: no chat candidate
-            chat = ""
+        chat = ""
+        # An empty system turn first: templates that insert a default system prompt (SmolLM2's is ~20 tokens)
+        # would otherwise spend the --max-length budget on it; templates without a system role get none.
+        for messages in ([{"role": "system", "content": ""}, user], [user]):
+            try:
+                chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                break
+            except Exception:  # noqa: BLE001 - a template that refuses these roles
+                continue
         if "{sentence}" in chat:
             out.append(chat + "The sentiment is")
     return out
