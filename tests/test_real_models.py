@@ -84,3 +84,22 @@ def test_default_recipe_improves_minilm_on_sst2(minilm_fp32_and_int8, sst2, tmp_
     run_cli("patch", "replay", tmp_path / "p", "--bundle", b, "--out", tmp_path / "replayed", "--json", check=True)
     name = "adapter_model.safetensors"
     assert (tmp_path / "replayed" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
+
+
+def test_default_recipe_improves_smollm2_on_sst2(tmp_path, sst2):
+    """SmolLM2 int8, `zoedge train` defaults on 1,000 SST-2 sentences (20 ZO steps to keep CI short): the device
+    picks its prompt and fits the head on its own data, and test accuracy (872) beats the exported bundle's
+    zero-shot accuracy by >= 1.5 points (measured: see docs/learning.md)."""
+    b = tmp_path / "smol-int8"
+    run_cli("export", "smollm2-135m", "--quant", "int8", "--out", b, check=True)
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("".join((sst2 / "dev.tsv").read_text().splitlines(keepends=True)[:301]))
+    r = json.loads(run_cli("train", b, "--data", _head_sample(sst2, tmp_path, 1000), "--eval", dev, "--steps", "20",
+                           "--out", tmp_path / "p", "--json", check=True).stdout.splitlines()[-1])
+    before = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--json", check=True).stdout.splitlines()[-1])
+    after = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--patch", tmp_path / "p", "--json",
+                               check=True).stdout.splitlines()[-1])
+    print("smollm2 default recipe:", r["prompt_template"], r["eval_accuracy_start"], r["eval_accuracy_head_start"],
+          r["eval_accuracy"], "test", before["accuracy"], "->", after["accuracy"])
+    assert r["prompt_template"] in Bundle.open(b).manifest.prompt_candidates
+    assert after["n"] == 872 and after["accuracy"] >= before["accuracy"] + 0.015, (before, after)
