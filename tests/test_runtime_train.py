@@ -52,6 +52,24 @@ def test_linear_probe_head_start(tiny_bert_bundle, toy, tmp_path):
     assert r["eval_accuracy_head_start"] >= 0.9 > r["eval_accuracy_start"]
 
 
+def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_bert_bundle, toy, tmp_path):
+    """The eval data disagrees with the training data (labels flipped): the probe scores below the exported
+    head there, so training starts from (and the patch keeps) the exported head."""
+    train_file, dev_file = toy
+    flipped = tmp_path / "flipped.tsv"
+    lines = dev_file.read_text().splitlines()
+    flipped.write_text("\n".join([lines[0]] + [f"{t}\t{1 - int(y)}" for t, y in (r.rsplit("\t", 1) for r in lines[1:])]) + "\n")
+    r = train(tiny_bert_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+              eval_path=flipped, log=quiet)
+    assert r["eval_accuracy_head_start"] is None
+    assert not (tmp_path / "p" / "start.safetensors").exists()
+    b = Bundle.open(tiny_bert_bundle)
+    heads = [t.name for t in b.manifest.trainables if t.role == "head"]
+    got = load_tensors(tmp_path / "p" / ADAPTER_FILE)
+    for k in heads:
+        np.testing.assert_allclose(got[k], b.initial_trainables()[k], atol=1e-6)
+
+
 @pytest.mark.parametrize("optimizer, q", [("zo-sgd", 1), ("zo-sgd", 3), ("zo-momentum", 1), ("zo-adam", 2)])
 def test_trajectory_replay_is_bit_exact(tiny_bert_bundle, toy, tmp_path, optimizer, q):
     train_file, dev_file = toy
