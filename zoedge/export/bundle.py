@@ -294,8 +294,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def prompt_candidates(tokenizer, label_words: list[str]) -> list[str]:
     """Other templates a device may pick for its linear-probe head start (by held-out accuracy on its own data):
-    a plain continuation, and the model's chat template when it has one (instruct models). Measured on SmolLM2
-    (docs/learning.md): the chat template's features probe best although its zero-shot accuracy is the worst."""
+    a plain continuation, and the model's chat template when it has one (instruct models). On SmolLM2 a
+    chat-format prompt scored 54% zero-shot but gave the best probe features (83.0% vs 80.5%; docs/learning.md)."""
     words = " or ".join(w.strip() for w in label_words)
     out = ["{sentence} It was"]
     user = {"role": "user", "content": f"Is the sentiment of this text {words}?\n{{sentence}}"}
