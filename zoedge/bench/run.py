@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from zoedge.manifest import Manifest
+from zoedge.runtime.trainer import default_recipe
 
 ORDER = ["ort-infer-fp32", "ort-infer-int8", "zo-fp32", "zo-int8", "zo-int8-q4-batched", "torch-mezo",
          "torch-backprop", "ort-training"]
@@ -101,9 +103,6 @@ def run_model(model: str, quick: bool, work: Path, data: Path, only: list[str] |
     rows_dir = work / "rows"
     shutil.rmtree(rows_dir, ignore_errors=True)
     rows_dir.mkdir()
-    from zoedge.manifest import Manifest
-    from zoedge.runtime.trainer import default_recipe
-
     if default_recipe(Manifest.load(s["bundles"]["int8"])).get("head_init") != "lp":
         s["start_head"] = None  # the default recipe starts from the exported head (a decoder's zero-shot prompt)
     if s["start_head"]:  # the shared start: a linear-probe head on fp32 features (numpy), as the trainer fits it

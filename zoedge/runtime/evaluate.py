@@ -18,8 +18,9 @@ def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None 
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
     tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()
-    if patch and prompt_of(load_patch_doc(patch)):  # a decoder patch is read through the prompt it chose
-        bundle.encoder.template = prompt_of(load_patch_doc(patch))
+    template = prompt_of(load_patch_doc(patch)) if patch else None
+    if template:  # a decoder patch is read through the prompt it chose
+        bundle.encoder.template = template
     dataset = load_dataset(data, m, limit)
     fwd = open_forward(bundle, tensors)
     metrics = Evaluator(bundle, fwd, batch)(dataset)
