@@ -260,6 +260,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
             log(f"start: eval {_fmt(state['start_metrics'])}")
         if cfg.prompt != "auto":
             bundle.encoder.template = cfg.prompt
+        given_template = bundle.encoder.template  # the prompt search may change it
         if cfg.head_init == "lp":
             search = m.prompt_candidates if cfg.prompt == "auto" and len(m.prompt_candidates) > 1 else []
             start, state["prompt_search"] = _linear_probe(m, bundle, evaluator, train_set, tensors, cfg.lp_examples,
@@ -273,7 +274,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
                     for k in start:
                         np.copyto(tensors[k], initial_head[k])
                     start, state["lp_metrics"] = {}, None
-                    bundle.encoder.template = cfg.prompt if cfg.prompt != "auto" else m.prompt_template or "{sentence}"
+                    bundle.encoder.template = given_template
                     log("linear-probe head scored below the exported head on the eval data: keeping the exported head")
         state["prompt_template"] = bundle.encoder.template
         begin = state["lp_metrics"] or state["start_metrics"]
