@@ -95,7 +95,7 @@ def _mount(*args: str) -> bool:
 def small_tmpfs(tmp_path):
     d = tmp_path / "full"
     d.mkdir()
-    if not _mount("-t", "tmpfs", "-o", "size=60k", "tmpfs", str(d)):
+    if not _mount("-t", "tmpfs", "-o", "size=32k", "tmpfs", str(d)):
         pytest.skip("needs root and tmpfs mounts")
     yield d
     subprocess.run(["umount", str(d)], check=True)
@@ -106,7 +106,7 @@ def test_disk_full_is_one_line_and_keeps_the_last_checkpoint(tiny_bert_bundle, t
     out = small_tmpfs / "p"
     p = run_cli("train", tiny_bert_bundle, "--data", data, "--out", out, "--steps", "40", "--checkpoint-every", "3",
                 "--batch-size", "4")
-    assert (out / "checkpoint.safetensors").exists()  # one ~40 KB checkpoint fits in 60 KB, the second does not
+    assert (out / "checkpoint.safetensors").exists()  # one ~20 KB checkpoint fits in 32 KB, a second beside it (atomic write) does not
     from zoedge.runtime.checkpoint import load_checkpoint
 
     load_checkpoint(out)  # the last good checkpoint is intact

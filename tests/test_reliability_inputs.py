@@ -251,7 +251,8 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, str | None]] = [
     # ---- checkpoints --------------------------------------------------------------------------------------------
     ("resume-corrupt-checkpoint", lambda c: train(c, c.good, None, "--resume") if _corrupt_checkpoint(c) else [], "unreadable checkpoint", None),
     ("resume-other-settings", lambda c: (checkpoint_dir(c), train(c, c.good, None, "--resume", "--lr", "0.5"))[1], "other settings", None),
-    ("resume-without-checkpoint", lambda c: ((c.work / "out").mkdir(), train(c, c.good, None, "--resume"))[1], "no checkpoint", None),
+    ("resume-into-a-foreign-dir", lambda c: ((c.work / "out").mkdir(), (c.work / "out" / "notes.txt").write_text("x"),
+                                             train(c, c.good, None, "--resume"))[2], "holds no checkpoint", None),
     ("train-out-not-empty", lambda c: (checkpoint_dir(c), train(c, c.good))[1], "not empty", None),
     ("train-out-is-a-file", lambda c: ((c.work / "out").write_text("x"), train(c, c.good))[1], "not a directory", None),
 ]

@@ -48,7 +48,9 @@ def test_existing_patch_is_not_overwritten(tiny_bert_bundle, files, tmp_path):
     p = run_cli("train", tiny_bert_bundle, "--data", good, "--out", out, "--steps", "2")
     assert p.returncode != 0 and "not empty" in p.stderr
     p = run_cli("train", tiny_bert_bundle, "--data", good, "--out", out, "--steps", "2", "--resume")
-    assert p.returncode != 0 and "no checkpoint" in p.stderr
+    assert p.returncode == 0 and "already holds the finished patch" in p.stderr  # the same job, done: no-op
+    p = run_cli("train", tiny_bert_bundle, "--data", good, "--out", out, "--steps", "3", "--resume")
+    assert p.returncode != 0 and "other settings" in p.stderr
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 

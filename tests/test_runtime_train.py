@@ -35,14 +35,16 @@ def quiet(*_):
 
 
 def test_zo_reduces_loss_on_a_learnable_task(tiny_bert_bundle, toy, tmp_path):
+    """q = 4, lr 2e-2, 300 steps from the random head. Over run seeds 0-3 the dev loss fell by 0.067-0.134
+    (mean 0.094, sd 0.029) and accuracy rose by 0.15-0.32; q = 1 was too noisy to assert on (one seed in four
+    did not learn). The margins sit about two standard deviations below the mean."""
     train_file, dev_file = toy
-    cfg = TrainConfig(steps=300, lr=2e-2, eps=1e-2, head_init="none", eval_every=100, keep="last")
+    cfg = TrainConfig(steps=300, lr=2e-2, eps=1e-2, perturbations=4, head_init="none", eval_every=100, keep="last")
     r = train(tiny_bert_bundle, train_file, tmp_path / "p", cfg, eval_path=dev_file, log=quiet)
     losses = [h["eval_loss"] for h in r["history"]]
-    print(r["history"])
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert losses[-1] < losses[0] - 0.04, losses
     assert r["eval_accuracy"] > r["eval_accuracy_start"] + 0.1
-    assert r["forward_passes"] >= 2 * 300
+    assert r["forward_passes"] >= 2 * 4 * 300
 
 
 def test_linear_probe_head_start(tiny_bert_bundle, toy, tmp_path):

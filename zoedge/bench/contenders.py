@@ -26,7 +26,7 @@ def _median(xs: list[float], warmup: int) -> float | None:
 
 def _data(s: dict, bundle_dir: str):
     from zoedge.runtime.bundle import Bundle
-    from zoedge.runtime.trainer import load_dataset
+    from zoedge.runtime.evaluator import load_dataset
 
     b = Bundle.open(bundle_dir)
     if s.get("prompt"):  # the template the shared start chose (decoders); every contender reads through it
@@ -51,7 +51,7 @@ def ort_infer(s: dict, quant: str) -> dict:
     reads it, and the test set, as evaluation does: so the same tensor shapes reach onnxruntime's arena),
     then timed forwards over the training minibatches of steps 1..N."""
     from zoedge.runtime.forward import open_forward
-    from zoedge.runtime.trainer import Evaluator
+    from zoedge.runtime.evaluator import Evaluator
 
     bundle, train, test = _data(s, s["bundles"][quant])
     fwd = open_forward(bundle, bundle.initial_trainables())
@@ -76,16 +76,6 @@ def zoedge_zo(s: dict, quant: str, learn: bool) -> dict:
     the trainer's own evaluations timed and subtracted."""
     from zoedge.runtime import trainer
 
-    evals: list[tuple[float, float]] = []
-    orig = trainer.Evaluator.__call__
-
-    def timed_eval(self, data):
-        t = time.perf_counter()
-        r = orig(self, data)
-        evals.append((t, time.perf_counter()))
-        return r
-
-    trainer.Evaluator.__call__ = timed_eval
     steps = s["learn_steps"] if learn else s["steps"]
     bundle_dir = s["bundles"][quant]
     out = Path(s["work"]) / "patches" / f"zo-{quant}-{'learn' if learn else 'time'}"
@@ -98,11 +88,10 @@ def zoedge_zo(s: dict, quant: str, learn: bool) -> dict:
     step_s: list[float] = []
     clock = {"prev": None, "train": 0.0}
 
-    def on_step(rec: dict) -> None:
+    def on_step(rec: dict) -> None:  # the trainer reports its own eval time in the step record
         now = time.perf_counter()
-        prev = clock["prev"] if clock["prev"] is not None else (evals[-1][1] if evals else None)
-        if prev is not None:
-            dt = now - prev - sum(b - a for a, b in evals if a >= prev)
+        if clock["prev"] is not None:
+            dt = now - clock["prev"] - rec.get("eval_seconds", 0.0)
             step_s.append(dt)
             clock["train"] += dt
         clock["prev"] = now
@@ -341,13 +330,14 @@ def ort_training(s: dict) -> dict:
 def start_head(s: dict) -> dict:
     from zoedge.runtime.forward import open_forward
     from zoedge.runtime.tensors import save_tensors
-    from zoedge.runtime.trainer import Evaluator, _linear_probe
+    from zoedge.runtime.evaluator import Evaluator
+    from zoedge.runtime.head_start import fit_probe_head
 
     bundle, train, _ = _data(s, s["bundles"]["fp32"])
     tensors = bundle.initial_trainables()
     ev = Evaluator(bundle, open_forward(bundle, tensors), batch=s["batch"])
     m = bundle.manifest
-    head, searched = _linear_probe(m, bundle, ev, train, tensors, 4000, s["seed"], m.prompt_candidates, lambda _m: None)
+    head, searched = fit_probe_head(m, bundle, ev, train, tensors, 4000, s["seed"], m.prompt_candidates, lambda _m: None)
     save_tensors(head, s["start_head"])
     return {"tensors": sorted(head), "prompt": bundle.encoder.template if m.kind == "decoder" else None,
             "prompt_search": searched}

@@ -45,3 +45,27 @@ def plan_batch(budget_mb: float, fixed_mb: float, per_example_mb: float, request
         raise ZoedgeError(f"--max-memory {budget_mb:.0f}MB cannot fit this bundle: it needs about {need:.0f}MB "
                           f"for batch size 1 ({fixed_mb:.0f}MB model and runtime + {per_example_mb:.1f}MB per example)")
     return min(requested, fits)
+
+
+def plan_training_batch(fwd, manifest, budget_mb: float, requested: int, moved_bytes: int, optimizer: str,
+                        log) -> int:
+    """Measure RSS growth of forwards at max length for batch 1 and 4, extrapolate, pick a batch that fits."""
+    import numpy as np
+
+    length = manifest.max_length
+    ids = np.full((1, length), 100, dtype=np.int64)
+    mask = np.ones((1, length), dtype=np.int64)
+    outs = ("logits",) if manifest.task == "classify" else ("nll_sum", "n_tokens")
+    fwd(ids, mask, outs)
+    r1 = max(current_rss_mb(), peak_rss_mb())
+    fwd(np.repeat(ids, 4, 0), np.repeat(mask, 4, 0), outs)
+    r4 = max(current_rss_mb(), peak_rss_mb())
+    per_example = max((r4 - r1) / 3.0, 0.05)
+    buffers = {"zo-sgd": 0, "zo-momentum": 1, "zo-adam": 2}.get(optimizer, 2)
+    state_mb = moved_bytes * (2 + buffers) / 2**20  # a snapshot and the best copy, plus the optimizer buffers
+    fixed = r1 - per_example + state_mb
+    batch = plan_batch(budget_mb, fixed, per_example, requested)
+    if batch < requested:
+        log(f"--max-memory {budget_mb:.0f}MB: batch size {requested} -> {batch} "
+            f"(~{fixed:.0f}MB fixed + {per_example:.1f}MB per example)")
+    return batch

@@ -28,7 +28,7 @@ class TrainProgress:
         self.progress.__exit__(*exc)
 
     def log(self, msg: str) -> None:
-        self.console.print(msg, highlight=False)
+        self.console.print(msg, highlight=False, soft_wrap=True)  # one line per message in logs and journals
 
     def update(self, rec: dict) -> None:
         if self.task is None:

@@ -33,13 +33,18 @@ class TextEncoder:
     def format(self, text: str) -> str:
         return self.template.replace("{sentence}", text)
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        encs = self.tok.encode_batch([self.format(t) for t in texts])
-        width = max(MIN_WIDTH, max(len(e.ids) for e in encs))
-        ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encs), width), dtype=np.int64)
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            ids[i, :n] = e.ids
-            mask[i, :n] = 1
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text through the current template, truncated, unpadded."""
+        return [e.ids for e in self.tok.encode_batch([self.format(t) for t in texts])]
+
+    def pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        width = max(MIN_WIDTH, max(len(r) for r in rows))
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+            mask[i, :len(r)] = 1
         return ids, mask
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pad(self.token_ids(texts))

@@ -1,0 +1,18 @@
+"""Numbers that more than one module relies on, in one place (standard library only)."""
+
+from __future__ import annotations
+
+# ---- training: the head start -------------------------------------------------------------------------
+PROMPT_SEARCH_EXAMPLES = 2000  # labelled examples per candidate template when the device picks its prompt
+PROMPT_SEARCH_MIN_EXAMPLES = 50  # below this the prompt search is skipped (held-out accuracy is noise)
+
+# ---- training: the divergence guard (runtime/guard.py) ------------------------------------------------
+SNAPSHOT_EVERY = 10  # steps between in-memory snapshots the guard can roll back to (a verified good state)
+MAX_FAILED_ROLLBACKS = 12  # consecutive rollbacks without progress past the failing step before giving up
+HARD_BATCH_RETRIES = 3  # a finite loss blow-up seen this often at one step, lr already cut, is a hard batch
+LOSS_BLOWUP_FACTOR = 3.0  # a step diverged when its lowest loss > FACTOR * |lowest running mean| + 1
+TENSOR_ABS_LIMIT = 1e4  # a trainable value beyond max(this, TENSOR_GROWTH_LIMIT * its start) has exploded
+TENSOR_GROWTH_LIMIT = 100.0
+
+# ---- training: memory ---------------------------------------------------------------------------------
+KEEP_Z_BYTES = 64 << 20  # keep a step's z in memory below this many bytes of moved trainables, else regenerate

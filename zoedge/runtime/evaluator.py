@@ -1,0 +1,72 @@
+"""Datasets tokenised once, and scoring the current trainable tensors on them (accuracy / loss), in batches."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zoedge.manifest import OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, Manifest
+from zoedge.runtime import objectives
+from zoedge.runtime.data import label_indices, read_examples
+from zoedge.runtime.text import TextEncoder
+
+
+@dataclass
+class Dataset:
+    texts: list[str]
+    labels: np.ndarray | None
+    _tokens: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)  # template -> token ids
+
+    def batch(self, encoder: TextEncoder, idx) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of the examples idx, tokenised once per template and padded per batch."""
+        rows = self._tokens.get(encoder.template)
+        if rows is None:
+            rows = self._tokens[encoder.template] = encoder.token_ids(self.texts)
+        return encoder.pad([rows[i] for i in idx])
+
+
+def load_dataset(path: str | Path, m: Manifest, limit: int = 0) -> Dataset:
+    ex = read_examples(path, need_labels=m.task == "classify", limit=limit or None)
+    labels = np.asarray(label_indices(ex, m.labels, path), dtype=np.int64) if m.task == "classify" else None
+    return Dataset(ex.texts, labels)
+
+
+class Evaluator:
+    """Accuracy / loss of the current tensors on a dataset, in batches."""
+
+    def __init__(self, bundle, fwd, batch: int = 16):
+        self.bundle, self.fwd, self.batch = bundle, fwd, batch
+
+    def outputs(self, data: Dataset | list[str], names: tuple[str, ...], idx=None) -> list[np.ndarray]:
+        """The named graph outputs for every example of data (or of the indices idx), concatenated."""
+        if isinstance(data, list):
+            data = Dataset(data, None)
+        order = np.arange(len(data.texts)) if idx is None else np.asarray(idx)
+        parts: list[list[np.ndarray]] = [[] for _ in names]
+        for i in range(0, len(order), self.batch):
+            ids, mask = data.batch(self.bundle.encoder, order[i:i + self.batch])
+            for p, o in zip(parts, self.fwd(ids, mask, names)):
+                p.append(o)
+        return [np.concatenate(p) for p in parts]
+
+    def __call__(self, data: Dataset) -> dict[str, float]:
+        if data.labels is not None:
+            (logits,) = self.outputs(data, (OUTPUT_LOGITS,))
+            return {"accuracy": objectives.accuracy(logits, data.labels),
+                    "loss": objectives.cross_entropy(logits, data.labels),
+                    "f1": objectives.macro_f1(logits, data.labels)}
+        nll, n = self.outputs(data, (OUTPUT_NLL, OUTPUT_TOKENS))
+        loss = objectives.lm_loss(nll, n)
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}
+
+
+def score(metrics: dict[str, float]) -> float:
+    """Higher is better: accuracy for classification, -loss for language modelling."""
+    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+
+
+def fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

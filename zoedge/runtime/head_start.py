@@ -1,0 +1,84 @@
+"""The head start: before any ZO step, fit the head in closed form (a linear probe on the frozen features the
+graph returns, numpy only); decoders first pick their prompt among the bundle's candidates. A head start that
+scores below the exported head on the eval data is dropped: training never starts below the bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from zoedge.constants import PROMPT_SEARCH_EXAMPLES, PROMPT_SEARCH_MIN_EXAMPLES
+from zoedge.manifest import OUTPUT_FEATURES, Manifest
+from zoedge.runtime.evaluator import Dataset, Evaluator, fmt, score
+from zoedge.runtime.probe import choose_l2, fit_linear_probe
+
+
+@dataclass
+class HeadStart:
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # the fitted head (empty: the exported head)
+    prompt_search: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] | None = None  # on the eval data, when there is some
+
+
+def head_start(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors: dict[str, np.ndarray],
+               limit: int, seed: int, search: bool, eval_set: Dataset | None, start_metrics: dict | None,
+               log: Callable[[str], None]) -> HeadStart:
+    """Fit the head into `tensors` (in place); undo it if the eval data says the exported head was better."""
+    exported = {t.name: tensors[t.name].copy() for t in m.trainables if t.role == "head"}
+    given_template = bundle.encoder.template
+    candidates = m.prompt_candidates if search and len(m.prompt_candidates) > 1 else []
+    fitted, searched = fit_probe_head(m, bundle, evaluator, data, tensors, limit, seed, candidates, log)
+    hs = HeadStart(fitted, searched)
+    if eval_set is None:
+        return hs
+    hs.metrics = evaluator(eval_set)
+    log(f"linear-probe head: eval {fmt(hs.metrics)}")
+    if start_metrics is not None and score(hs.metrics) < score(start_metrics):
+        # On SmolLM2 a probe fitted on 2,000 phrases scored 72.8% on test against the prompt's 78.9% zero-shot.
+        for k, v in exported.items():
+            np.copyto(tensors[k], v)
+        bundle.encoder.template = given_template
+        log("linear-probe head scored below the exported head on the eval data: keeping the exported head")
+        return HeadStart(prompt_search=searched)
+    return hs
+
+
+def fit_probe_head(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors: dict[str, np.ndarray],
+                   limit: int, seed: int, candidates: list[str],
+                   log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Fit the head on the frozen features of up to `limit` training examples; returns the new head tensors.
+
+    With prompt candidates (decoders), first pick the template whose features give the best held-out probe
+    accuracy on the first PROMPT_SEARCH_EXAMPLES of those examples, and leave it set on `bundle.encoder`."""
+    n = len(data.texts)
+    idx = np.random.Generator(np.random.PCG64(seed)).permutation(n)[:limit] if n > limit else np.arange(n)
+    labels = data.labels[idx]
+    k = min(PROMPT_SEARCH_EXAMPLES, len(idx))
+    searched: list[dict] = []
+    cached: dict[str, np.ndarray] = {}
+    if candidates and k >= PROMPT_SEARCH_MIN_EXAMPLES:
+        for template in candidates:
+            bundle.encoder.template = template
+            (cached[template],) = evaluator.outputs(data, (OUTPUT_FEATURES,), idx[:k])
+            _, scores = choose_l2(cached[template], labels[:k], len(m.labels), seed)
+            searched.append({"prompt_template": template, "held_out_accuracy": max(scores.values())})
+        chosen = max(searched, key=lambda r: r["held_out_accuracy"])  # ties: the earlier candidate
+        bundle.encoder.template = chosen["prompt_template"]
+        log(f"prompt: {chosen['prompt_template']!r} (held-out probe accuracy {chosen['held_out_accuracy']:.3f} on {k} "
+            f"examples; {len(candidates)} candidates)")
+    head_part = cached.get(bundle.encoder.template)
+    done = 0 if head_part is None else len(head_part)
+    parts = [] if head_part is None else [head_part]
+    if done < len(idx):
+        parts += evaluator.outputs(data, (OUTPUT_FEATURES,), idx[done:])
+    features = np.concatenate(parts)
+    l2, _ = choose_l2(features, labels, len(m.labels), seed)
+    w, b = fit_linear_probe(features, labels, len(m.labels), l2=l2)
+    start = {}
+    for t in m.trainables:
+        if t.role == "head":
+            np.copyto(tensors[t.name], (w if len(t.shape) == 2 else b).astype(np.float32))
+            start[t.name] = tensors[t.name].copy()
+    return start, searched
