@@ -153,7 +153,8 @@ def train(
     roles: Optional[str] = typer.Option(None, help="Train only these trainable roles, e.g. lora_B,head (LoRA-FA)"),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 300MB: plans the batch size"),
     checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps (0 = never)"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out; start fresh when there is none "
+                                                        "(one fixed command line survives a kill at any moment)"),
     seed: int = typer.Option(0, help="Run seed (perturbation directions and minibatches)"),
     plot: Optional[Path] = typer.Option(None, help="Write a training-curve PNG"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
