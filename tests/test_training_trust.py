@@ -185,3 +185,42 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_command(tiny_bert_bun
     a, b = load_tensors(ref / ADAPTER_FILE), load_tensors(out / ADAPTER_FILE)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not (out / CHECKPOINT_FILE).exists()
+
+
+# ---- the head by its exact gradient (issue 12's "forward-only does not mean ZO everywhere") ------------------
+def test_exact_head_step_matches_finite_differences():
+    from zoedge.runtime.head_grad import ce_head_step
+
+    rng = np.random.default_rng(0)
+    f, y = rng.normal(size=(12, 5)).astype(np.float32), rng.integers(0, 3, 12)
+    w, b = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+
+    def loss(w_, b_):
+        return objectives.cross_entropy(f.astype(np.float64) @ w_.T + b_, y)
+
+    w1, b1 = w.copy(), b.copy()
+    l0 = ce_head_step(f, y, w1, b1, lr=1.0)
+    assert abs(l0 - loss(w.astype(np.float64), b.astype(np.float64))) < 1e-9
+    h = 1e-6
+    for i, j in [(0, 0), (2, 4), (1, 3)]:
+        wp, wm = w.astype(np.float64), w.astype(np.float64)
+        wp[i, j] += h
+        wm[i, j] -= h
+        numeric = (loss(wp, b) - loss(wm, b)) / (2 * h)
+        assert abs((w[i, j] - w1[i, j]) - numeric) < 1e-4  # lr 1: the step is the gradient
+    assert loss(w1.astype(np.float64), b1.astype(np.float64)) < l0
+
+
+def test_exact_head_mode_replays_bit_exactly(tiny_bert_bundle, toy, tmp_path):
+    """ZO moves only the LoRA tensors; the head (trained by its exact gradient) travels in start.safetensors, so
+    the trajectory still rebuilds the adapter bit-exactly."""
+    out = tmp_path / "p"
+    cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, eps=1e-2, head_init="lp", head_lr=0.3, eval_every=10)
+    r = train(tiny_bert_bundle, toy[0], out, cfg, eval_path=toy[1], log=quiet)
+    doc = json.loads((out / "patch.json").read_text())
+    assert doc["hyperparameters"]["head_lr"] == 0.3 and "head" not in doc["zo"]["roles"]
+    adapter, start = load_tensors(out / ADAPTER_FILE), load_tensors(out / "start.safetensors")
+    rebuilt = replay_patch(out, tiny_bert_bundle)
+    assert all(np.array_equal(adapter[k], rebuilt[k]) for k in adapter)
+    assert start and all(np.array_equal(start[k], adapter[k]) for k in start)
+    assert r["steps_run"] == 30

@@ -143,6 +143,8 @@ def train(
                                                          "(default: 30000 encoder, 8000 decoder)"),
     prompt: Optional[str] = typer.Option(None, help="Decoder bundles: auto (default: pick among the bundle's prompt "
                                                     "candidates by held-out probe accuracy) or a template with {sentence}"),
+    head_lr: float = typer.Option(0.0, help="> 0: train the head by its exact gradient (numpy) at this lr; ZO only on "
+                                            "the other trainables"),
     weight_decay: float = typer.Option(0.0, help="Weight decay (not on biases / norms)"),
     lr_schedule: str = typer.Option("constant", help="constant | linear | cosine"),
     clip: float = typer.Option(0.0, help="Clip |projected gradient| to this value (0 = off)"),
@@ -166,7 +168,7 @@ def train(
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, perturbations=perturbations, batched=batched,
                       optimizer=optimizer, objective=objective, head_init=head_init, lp_examples=lp_examples, prompt=prompt,
-                      weight_decay=weight_decay, lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
+                      weight_decay=weight_decay, head_lr=head_lr, lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
                       patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed,
                       roles=_csv(roles))
     with TrainProgress() as progress:

@@ -40,6 +40,8 @@ class TrainConfig:
     max_memory: str | None = _f(None, "Memory budget, e.g. 300MB: plans the batch size")
     lp_examples: int | None = _f(None, "Training examples for the linear-probe head start (default: by bundle kind)")
     roles: list[str] | None = _f(None, "Train only these trainable roles, e.g. lora_B,head (LoRA-FA)")
+    head_lr: float = _f(0.0, "> 0: train the head by its exact gradient (numpy, from the features the graph returns) "
+                             "at this lr, and spend ZO only on the other trainables; 0: ZO on everything")
     prompt: str | None = _f(None, "Decoder bundles: auto (pick among the bundle's prompt candidates) or a template "
                                   "with {sentence}")
 
@@ -109,6 +111,14 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
             raise ZoedgeError(f"bad --{name.replace('_', '-')}: must be >= 1")
     if not (math.isfinite(cfg.lr) and math.isfinite(cfg.eps) and cfg.lr > 0 and cfg.eps > 0):
         raise ZoedgeError("bad --lr/--eps: must be finite and > 0")
+    if cfg.head_lr:
+        if not (math.isfinite(cfg.head_lr) and cfg.head_lr > 0) or m.task != "classify" or m.copies:
+            raise ZoedgeError("bad --head-lr: must be > 0, on a classify bundle without a copies axis")
+        if not any(t.role == "head" and len(t.shape) == 2 for t in m.trainables):
+            raise ZoedgeError("--head-lr needs a bundle whose head is trainable (export with --trainable ...,head)")
+        if set(cfg.roles or {t.role for t in m.trainables}) <= {"head"}:
+            raise ZoedgeError("--head-lr trains the head exactly: there must be other trainables for ZO "
+                              "(e.g. lora); for the head alone use --head-init lp")
     if cfg.batched and not m.copies:
         raise ZoedgeError("--batched needs a bundle exported with a copies axis (zoedge export --copies 2q); "
                           "this bundle has none")

@@ -17,13 +17,14 @@ import numpy as np
 
 from zoedge.constants import KEEP_Z_BYTES, SNAPSHOT_EVERY
 from zoedge.errors import ZoedgeError
-from zoedge.manifest import OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, Manifest
+from zoedge.manifest import OUTPUT_FEATURES, OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS, Manifest
 from zoedge.runtime import objectives
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.checkpoint import CHECKPOINT_FILE
 from zoedge.runtime.config import TrainConfig, default_recipe, lr_at, resolve, trajectory_key  # noqa: F401
 from zoedge.runtime.evaluator import Dataset, Evaluator, fmt, load_dataset, score  # noqa: F401
 from zoedge.runtime.forward import open_forward
+from zoedge.runtime.head_grad import ce_head_step, head_names
 from zoedge.runtime.guard import after_failure, loss_problem, passed, tensor_limits, tensor_problem
 from zoedge.runtime.head_start import head_start
 from zoedge.runtime.memory import parse_size, peak_rss_mb, plan_training_batch
@@ -57,12 +58,20 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     roles = {t.name: t.role for t in m.trainables}
     fwd = open_forward(bundle, tensors)
     evaluator = Evaluator(bundle, fwd, batch=cfg.batch_size)  # at the training batch: the arena keeps the largest
+    zo_roles = cfg.roles
+    head = head_names(m) if cfg.head_lr else None  # trained by its exact gradient: ZO leaves it alone
+    if head:
+        zo_roles = sorted({r for r in (cfg.roles or roles.values()) if r != "head"})
     zo_cfg = ZOConfig(optimizer=cfg.optimizer, eps=cfg.eps, perturbations=cfg.perturbations,
-                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched, roles=cfg.roles)
+                      weight_decay=cfg.weight_decay, clip=cfg.clip, inplace=not cfg.batched, roles=zo_roles)
     moving = zo_cfg.select(tensors, roles)  # the arrays ZO perturbs and updates (shared with `tensors`)
+    checked = {**moving, **({n: tensors[n] for n in head if n} if head else {})}  # what an update can change
     moved_bytes = sum(t.nbytes for t in moving.values())
     dirs = DirectionCache([(n, tuple(t.shape)) for n, t in moving.items()], keep=moved_bytes <= KEEP_Z_BYTES)
     outputs = (OUTPUT_LOGITS,) if m.task == "classify" else (OUTPUT_NLL, OUTPUT_TOKENS)
+    if head:
+        outputs = (OUTPUT_LOGITS, OUTPUT_FEATURES)
+    features: list[np.ndarray] = []  # of this step's perturbed forwards (the exact head gradient reads them)
     width = cfg.perturbations + 1
 
     if mode == "resume":
@@ -91,6 +100,8 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     opt = OptimizerState(step=state.step, buffers=state.optimizer)
 
     def loss_of(outs: list[np.ndarray], y) -> float:
+        if head:
+            features.append(outs[1])
         if m.task == "classify":
             return objectives.classification_loss(cfg.objective, outs[0], y)
         return objectives.lm_loss(outs[0], outs[1])
@@ -120,6 +131,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
         # kept only once this step's losses have verified the state it holds
         checkpoint_due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step > 0
         candidate = state.snapshot() if state.step % SNAPSHOT_EVERY == 0 or checkpoint_due else None
+        features.clear()
         losses, grads = estimate(step, ids, mask, y)
         problem = loss_problem(losses, grads, state, cfg.objective)
         if problem:
@@ -131,7 +143,10 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
                 candidate.save(out)
         grads = clip_grads(grads, cfg.clip)
         update(moving, opt, zo_cfg, roles, dirs, cfg.seed, step, grads, lr)
-        problem = tensor_problem(moving, limits)
+        if head:  # the mean of the ± forwards' features is the unperturbed one to O(ε²)
+            ce_head_step(np.mean(features, axis=0), y, tensors[head[0]], head[1] and tensors[head[1]],
+                         lr / cfg.lr * cfg.head_lr)
+        problem = tensor_problem(checked, limits)
         if problem:
             log(after_failure(state, snap, step, problem, lr))
             continue
@@ -245,7 +260,10 @@ def _write(out: Path, m: Manifest, bundle: Bundle, cfg: TrainConfig, state: RunS
         meta["prompt_template"] = bundle.encoder.template  # the patch is read through this prompt
         if state.prompt_search:
             meta["prompt_search"] = state.prompt_search
-    write_patch(out, m, final, state.trajectory[:final_step], state.start, meta)
+    start = state.start
+    if cfg.head_lr:  # replay rebuilds only what ZO moved: the head travels as it ended, beside the head start
+        start = {**start, **{t.name: final[t.name] for t in m.trainables if t.role == "head"}}
+    write_patch(out, m, final, state.trajectory[:final_step], start, meta)
     return _result(out, meta, metrics, seconds, fwd.calls)
 
 
