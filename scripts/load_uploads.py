@@ -40,8 +40,7 @@ def build_archives(bundle: Path, work: Path, n: int) -> list[tuple[bytes, str, s
     """n distinct (archive bytes, sha256, format) of valid patches of `bundle`."""
     from patch_factory import make_patch
 
-    from zoedge.device.archive import pack
-    from zoedge.device.patchdir import format_files
+    from zoedge.transfer import format_files, pack
 
     base = make_patch(bundle, work / "base", steps=3, run_seed=7, seed=7)
     out = []

@@ -1,12 +1,16 @@
 """Realistic patches without the trainer: a random trajectory replayed from the bundle's initial tensors
-and written with the runtime's `write_patch` (the format `zoedge train` produces)."""
+and written with the runtime's `write_patch` (the format `zoedge train` produces); `rewrite_doc` edits a
+patch.json through the same contract (PatchDoc), `with_tensors` writes a patch with chosen tensor values."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from zoedge.patchdoc import PatchDoc
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.patch import write_patch
 from zoedge.runtime.zo import ZOConfig, replay
@@ -35,4 +39,24 @@ def make_patch(bundle_dir: Path, out: Path, steps: int = 4, run_seed: int = 0, s
     replay(tensors, cfg, roles, run_seed, traj)
     write_patch(out, m, tensors, traj, start, {"steps": steps, "run_seed": run_seed, "zo": cfg.to_dict(),
                                                 "examples": examples, "metrics": {"eval_accuracy": accuracy}})
+    return out
+
+
+def rewrite_doc(patch_dir: Path, **changes: Any) -> PatchDoc:
+    """Change fields of patch.json (validated: a bad value raises ZoedgeError); the files stay as they are."""
+    doc = dataclasses.replace(PatchDoc.load(patch_dir), **changes)
+    doc.write(patch_dir)
+    return doc
+
+
+def with_tensors(bundle_dir: Path, out: Path, edit, examples: int = 100) -> Path:
+    """A patch (adapter upload; its trajectory is empty) whose tensors are the bundle's initial ones after
+    edit(name, role, array) -> array, e.g. a diverged run's values."""
+    bundle = Bundle.open(bundle_dir)
+    tensors = bundle.initial_trainables()
+    for t in bundle.manifest.trainables:
+        tensors[t.name] = np.ascontiguousarray(edit(t.name, t.role, tensors[t.name]), dtype=np.float32)
+    cfg = ZOConfig()
+    write_patch(out, bundle.manifest, tensors, np.zeros((0, cfg.perturbations + 1), np.float32), {},
+                {"steps": 0, "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": {}})
     return out

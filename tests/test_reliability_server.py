@@ -22,9 +22,8 @@ import pytest
 from conftest import REPO
 from patch_factory import make_patch
 from server_conftest import ADMIN, PG_ENV, LiveServer, make_settings, reset_postgres
-from zoedge.device.archive import pack
 from zoedge.device.client import FleetClient
-from zoedge.device.patchdir import format_files
+from zoedge.transfer import format_files, pack
 
 sys.path.insert(0, str(REPO / "scripts"))
 

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tarfile
 
 import numpy as np
 import pytest
 
-from patch_factory import make_patch
+from patch_factory import make_patch, rewrite_doc
 from server_conftest import TEST_UPLOAD_LIMIT, backend, fleet  # noqa: F401
-from zoedge.device.archive import pack, unpack
 from zoedge.device.client import FleetError
 from zoedge.device.outbox import Outbox
-from zoedge.device.patchdir import format_files
 from zoedge.manifest import Manifest, sha256_file, verify_files
 from zoedge.runtime.patch import ADAPTER_FILE, PATCH_FILE, TRAJECTORY_FILE, read_patch, write_patch
 from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.zo import ZOConfig
+from zoedge.transfer import format_files, pack, unpack
 
 
 def archive_of(patch_dir, fmt, tmp_path):
@@ -74,9 +72,7 @@ def test_trajectory_replayed_by_server_equals_device_tensors(fleet, tmp_path):
 def test_trajectory_that_does_not_replay_to_adapter_sha256_is_rejected(fleet, tmp_path):
     _, token = fleet.device()
     patch = make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=31, seed=31)
-    doc = json.loads((patch / PATCH_FILE).read_text())
-    doc["adapter_sha256"] = "0" * 64
-    (patch / PATCH_FILE).write_text(json.dumps(doc))
+    rewrite_doc(patch, adapter_sha256="0" * 64)
     archive, _, _ = archive_of(patch, "trajectory", tmp_path)
     before = fleet.stored_state()
     with fleet.http(token) as http:
@@ -93,9 +89,7 @@ def _tampered(kind, fleet, tmp_path):
         np.save(patch / TRAJECTORY_FILE, traj)
         return archive_of(patch, "trajectory", tmp_path)[0].read_bytes()
     if kind == "unknown base model":
-        doc = json.loads((patch / PATCH_FILE).read_text())
-        doc.update(base_sha256="f" * 64, bundle_id="nope")
-        (patch / PATCH_FILE).write_text(json.dumps(doc))
+        rewrite_doc(patch, base_sha256="f" * 64, bundle_id="nope")
         return archive_of(patch, "adapter", tmp_path)[0].read_bytes()
     if kind == "unexpected file":
         (patch / "run.sh").write_text("echo hi\n")
@@ -270,8 +264,7 @@ def test_aggregate_needs_one_prompt_template_and_the_global_patch_carries_it(fle
     ids = []
     for i, template in enumerate(("A: {sentence}", "B: {sentence}", "A: {sentence}")):
         p = make_patch(fleet.bundle_dir, tmp_path / f"p{i}", run_seed=80 + i, seed=80 + i)
-        doc = json.loads((p / "patch.json").read_text())
-        (p / "patch.json").write_text(json.dumps({**doc, "prompt_template": template}))
+        rewrite_doc(p, prompt_template=template)
         with fleet.client(a) as c:
             ids.append(c.push(p, "adapter", Outbox(tmp_path / f"o{i}"))["patch_id"])
     with fleet.http(fleet.admin_token) as http:

@@ -8,9 +8,8 @@ import pytest
 
 from patch_factory import make_patch
 from server_conftest import LiveServer, backend, fleet, make_settings  # noqa: F401
-from zoedge.device.archive import pack
 from zoedge.device.outbox import Outbox
-from zoedge.device.patchdir import format_files
+from zoedge.transfer import format_files, pack
 
 OPEN_ROUTES = {("GET", "/v1/health")}
 

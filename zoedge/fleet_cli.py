@@ -169,12 +169,16 @@ def patch_replay(
     out: Path = typer.Option(..., "--out", help="Directory to write the complete patch to (absent or empty)"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Rebuild a patch's adapter tensors from its trajectory, offline (numpy only), bit-exactly."""
-    from zoedge.device.patchdir import FORMAT_FILES, complete_patch_dir, load_patch_json
+    """Rebuild a patch's adapter tensors from its trajectory, offline (numpy only), bit-exactly. Refused unless
+    the patch was made for this bundle (or a re-export of it with the same labels and trainables)."""
+    from zoedge.manifest import Manifest
+    from zoedge.patchdoc import PatchDoc
+    from zoedge.runtime.patch import complete_patch_dir
+    from zoedge.transfer import FORMAT_FILES
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         fail(f"--out {out}: exists and is not an empty directory")
-    load_patch_json(patch)
+    PatchDoc.load(patch).check_fits(Manifest.load(bundle), str(patch))  # named by the user's path, not the copy's
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp) / "patch"
@@ -186,8 +190,8 @@ def patch_replay(
         if out.exists():
             out.rmdir()
         os.rename(work, out)
-    _emit({"out": str(out), "adapter_sha256": doc["adapter_sha256"], "steps": doc.get("steps")}, json_out,
-          f"replayed {doc.get('steps')} steps into {out} (adapter {doc['adapter_sha256'][:12]} matches)")
+    _emit({"out": str(out), "adapter_sha256": doc.adapter_sha256, "steps": doc.steps}, json_out,
+          f"replayed {doc.steps} steps into {out} (adapter {doc.adapter_sha256[:12]} matches)")
 
 
 def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:

@@ -5,11 +5,12 @@ A reader therefore sees either the old file or the complete new one, never a hal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
 def _umask_mode() -> int:
@@ -33,12 +34,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def open_atomic(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to stream into; it replaces `path` (fsynced, renamed, directory fsynced) only when the
+    block ends without an exception, else the temporary is removed and `path` is untouched."""
     path = Path(path)
     fd, tmp = mkstemp_in(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,6 +50,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with open_atomic(path) as f:
+        f.write(data)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -2,7 +2,7 @@
 
 Standard library only, so every stage (and a device without torch) can read it. Written as
 `manifest.json` (indent 2, sorted keys); loading ignores unknown keys so newer bundles still load,
-and refuses an unknown schema version.
+and refuses an unknown schema version. A patch's contract, patch.json, is zoedge.patchdoc.PatchDoc.
 """
 
 from __future__ import annotations

@@ -16,14 +16,11 @@ from typing import Any, Callable, Optional
 
 import httpx
 
-from zoedge.device.archive import unpack
 from zoedge.device.outbox import Outbox, OutboxEntry
-from zoedge.device.patchdir import PATCH_FILES, inspect_patch_dir
 from zoedge.errors import ZoedgeError
-from zoedge.manifest import sha256_file
-
-SHA256_HEADER = "X-Zoedge-Sha256"
-FORMAT_HEADER = "X-Zoedge-Format"
+from zoedge.manifest import Manifest, sha256_file
+from zoedge.patchdoc import PATCH_FILES
+from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, inspect_patch_dir, pack, unpack
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 CONTENT_REJECTED = {400, 409, 413, 422}  # the upload itself is refused: retrying the same bytes cannot help
 
@@ -104,9 +101,6 @@ class FleetClient:
 
     def publish_bundle(self, bundle_dir: str | Path) -> dict[str, Any]:
         """(admin token) Upload a bundle directory as a tar; idempotent."""
-        from zoedge.device.archive import pack
-        from zoedge.manifest import Manifest
-
         Manifest.load(bundle_dir)  # fail early, locally, on a directory that is no bundle
         with tempfile.TemporaryDirectory() as tmp:
             archive = Path(tmp) / "bundle.tar"

@@ -21,11 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from zoedge.fsio import fsync_dir
-from zoedge.device.archive import pack
-from zoedge.device.patchdir import check_carried_files, format_files
+from zoedge.fsio import fsync_dir, write_json_atomic
 from zoedge.manifest import sha256_file
-from zoedge.runtime.patch import write_json_atomic
+from zoedge.transfer import check_carried_files, format_files, pack
 
 DEFAULT_OUTBOX = Path("~/.zoedge/outbox")
 OUTBOX_ENV = "ZOEDGE_OUTBOX"

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from zoedge.device.patchdir import load_patch_json
 from zoedge.errors import ZoedgeError
-from zoedge.runtime.patch import ADAPTER_FILE
+from zoedge.patchdoc import ADAPTER_FILE, PatchDoc
 from zoedge.runtime.tensors import load_tensors
 
 ORT_ADAPTER_SUFFIX = ".onnx_adapter"
@@ -25,12 +24,12 @@ def export_ort_adapter(patch_dir: str | Path, out_file: str | Path, model_versio
     """Write the patch's adapter tensors to out_file; the adapter version is the patch's global version
     (0 for device patches)."""
     patch_dir, out_file = Path(patch_dir), Path(out_file)
-    doc = load_patch_json(patch_dir)
+    doc = PatchDoc.load(patch_dir)
     if not (patch_dir / ADAPTER_FILE).is_file():
         raise ZoedgeError(f"{patch_dir}: no {ADAPTER_FILE} (replay a trajectory patch first)")
     tensors = load_tensors(patch_dir / ADAPTER_FILE)
     fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(int(doc.get("version", 0)))
+    fmt.set_adapter_version(doc.version)
     fmt.set_model_version(model_version)
     fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a, dtype=np.float32))
                         for name, a in tensors.items()})

@@ -9,7 +9,7 @@ import numpy as np
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.forward import open_forward
 from zoedge.runtime.memory import peak_rss_mb
-from zoedge.runtime.patch import load_patch_doc, load_patch_tensors, prompt_of
+from zoedge.runtime.patch import load_patch
 from zoedge.runtime.trainer import Evaluator, load_dataset
 
 
@@ -17,10 +17,12 @@ def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None 
              batch: int = 16) -> dict:
     bundle = Bundle.open(bundle_dir)
     m = bundle.manifest
-    tensors = load_patch_tensors(patch, m) if patch else bundle.initial_trainables()
-    template = prompt_of(load_patch_doc(patch)) if patch else None
-    if template:  # a decoder patch is read through the prompt it chose
-        bundle.encoder.template = template
+    if patch:  # refused unless it was trained on this bundle (or an identical re-export: same labels, tensors)
+        doc, tensors = load_patch(patch, m)
+        if doc.prompt_template:  # a decoder patch is read through the prompt it chose
+            bundle.encoder.template = doc.prompt_template
+    else:
+        tensors = bundle.initial_trainables()
     dataset = load_dataset(data, m, limit)
     fwd = open_forward(bundle, tensors)
     metrics = Evaluator(bundle, fwd, batch)(dataset)

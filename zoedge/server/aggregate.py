@@ -1,22 +1,31 @@
-"""FedAvg: a new global patch whose tensors are the examples-weighted mean of device patches."""
+"""FedAvg: a new global patch whose tensors are the examples-weighted mean of device patches.
+
+Every listed patch passes the sanity bounds again (server/sanity.py; a patch stored before the bounds existed,
+or while the fleet was too small for the ratio check, can still be an outlier): one that does not is refused
+with a 400 naming it. Patches with the same adapter (the adapter and trajectory uploads of one run) count once;
+the global patch's metrics say which were left out as duplicates."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException, status
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from zoedge.device.archive import pack, unpack
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
+from zoedge.patchdoc import ADAPTER_FILE, PATCH_FILES, PatchDoc
 from zoedge.runtime.bundle import check_trainables
-from zoedge.runtime.patch import ADAPTER_FILE, PATCH_FILES, load_patch_doc, prompt_of, write_patch
+from zoedge.runtime.patch import write_patch
 from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.zo import ZOConfig
+from zoedge.server import sanity
 from zoedge.server.intake import latest_global_version
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.state import ServerState
+from zoedge.transfer import pack, unpack
 
 
 def fedavg(tensor_sets: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
@@ -29,6 +38,18 @@ def fedavg(tensor_sets: list[dict[str, np.ndarray]], weights: list[float]) -> di
             acc += w * tensors[name].astype(np.float64)
         out[name] = (acc / total).astype(np.float32)
     return out
+
+
+def one_per_run(patches: list[Patch]) -> tuple[list[Patch], dict[str, str]]:
+    """(the first patch of each distinct adapter, {left-out patch id: the id it repeats})."""
+    first: dict[str, Patch] = {}
+    duplicates = {}
+    for p in patches:
+        if p.adapter_sha256 in first:
+            duplicates[p.id] = first[p.adapter_sha256].id
+        else:
+            first[p.adapter_sha256] = p
+    return list(first.values()), duplicates
 
 
 def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch:
@@ -48,29 +69,36 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
                 raise ZoedgeError(f"aggregate: patch {p.id} belongs to bundle {p.bundle_id}, not {bundle_id}")
             if p.examples <= 0:
                 raise ZoedgeError(f"aggregate: patch {p.id} reports no training examples (cannot weight it)")
+        patches, duplicates = one_per_run(patches)
         manifest = Manifest.from_dict(bundle.manifest)
-        tensor_sets = [check_trainables(manifest, load_tensors(state.blobs.path(p.adapter_blob)), f"patch {p.id}")
-                       for p in patches]
+        fleet = sanity.fleet_norms(state, db, bundle_id)
+        tensor_sets = []
+        for p in patches:
+            tensors = check_trainables(manifest, load_tensors(state.blobs.path(p.adapter_blob)),
+                                       f"aggregate: patch {p.id}")
+            sanity.check_tensors(state.settings, tensors, fleet, f"aggregate: patch {p.id} refused",
+                                 p.adapter_sha256)
+            tensor_sets.append(tensors)
         averaged = fedavg(tensor_sets, [float(p.examples) for p in patches])
         version = latest_global_version(db, bundle_id) + 1
         examples = sum(p.examples for p in patches)
+        metrics = {"duplicates": duplicates} if duplicates else {}
         cfg = ZOConfig()
         with state.blobs.temp_dir() as work:
-            prompts = {_prompt_of(state, p, work) for p in patches}
+            prompts = {_doc_of(state, p, work).prompt_template for p in patches}
             if len(prompts) > 1:  # a head fitted through one prompt means nothing averaged with another's
                 raise ZoedgeError("aggregate: the patches were trained through different prompt templates")
-            prompt = prompts.pop()
             # A global patch is an adapter, not a run: its trajectory is empty (replaying it gives the
             # bundle's initial tensors), so it is always used through adapter_model.safetensors.
             doc = write_patch(work / "patch", manifest, averaged, np.zeros((0, cfg.perturbations + 1), np.float32),
                               {}, {"kind": "global", "version": version, "parents": patch_ids, "steps": 0,
-                                   "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": {},
-                                   **({"prompt_template": prompt} if prompt else {})})
+                                   "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": metrics,
+                                   "prompt_template": prompts.pop()})
             archive = work / "patch.tar"
             sha, size = pack(work / "patch", archive)
             row = Patch(device_id=None, bundle_id=bundle_id, kind="global", sha256=sha, bytes=size,
-                        archive_sha256=sha, adapter_sha256=doc["adapter_sha256"], version=version, steps=0,
-                        examples=examples, metrics={}, parent_ids=patch_ids)
+                        archive_sha256=sha, adapter_sha256=doc.adapter_sha256, version=version, steps=0,
+                        examples=examples, metrics=metrics, parent_ids=patch_ids)
             row.adapter_blob = state.blobs.put_copy(work / "patch" / ADAPTER_FILE)
             state.blobs.put_file(archive, sha)
         db.add(row)
@@ -83,8 +111,8 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
         return row
 
 
-def _prompt_of(state: ServerState, patch: Patch, work) -> str | None:
-    """The prompt template in a stored patch's patch.json (decoder patches may choose their own)."""
+def _doc_of(state: ServerState, patch: Patch, work: Path) -> PatchDoc:
+    """The patch.json of a stored patch (decoder patches may choose their own prompt)."""
     d = work / f"doc-{patch.id}"
     unpack(state.blobs.path(patch.archive_sha256), d, allowed=PATCH_FILES)
-    return prompt_of(load_patch_doc(d), f"patch {patch.id}")
+    return PatchDoc.load(d, where=f"patch {patch.id}")

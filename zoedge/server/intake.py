@@ -1,5 +1,8 @@
 """Accepting bundles and patches: unpack into a scratch directory, check everything, and only then store
-the blobs and add the row. A rejected upload leaves no row and no blob."""
+the blobs and add the row. A rejected upload leaves no row and no blob.
+
+A patch must fit a published bundle (PatchDoc.check_fits: base, initial tensors, labels, trainables), its
+tensors must be finite, match adapter_sha256 and pass the sanity bounds (server/sanity.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +16,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from zoedge.device.archive import pack, unpack
-from zoedge.device.patchdir import PATCH_FILES, complete_patch_dir, inspect_patch_dir
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import MANIFEST_FILE, Manifest
+from zoedge.patchdoc import ADAPTER_FILE, PATCH_FILE, PATCH_FILES, PatchDoc
 from zoedge.runtime.bundle import Bundle as RuntimeBundle, check_trainables
-from zoedge.runtime.patch import ADAPTER_FILE, PATCH_FILE, check_patch_fits
+from zoedge.runtime.patch import complete_patch_dir
 from zoedge.runtime.tensors import load_tensors, tensor_digest
+from zoedge.server import sanity
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.state import ServerState
+from zoedge.transfer import inspect_patch_dir, pack, unpack
 
 
 BUNDLE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -78,23 +82,22 @@ def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, 
             doc, fmt = inspect_patch_dir(pdir)
             if expected_format and fmt != expected_format:
                 raise ZoedgeError(f"declared format {expected_format} but the archive is a {fmt} patch")
-            bundle = _bundle_for(db, doc)
-            manifest = Manifest.from_dict(bundle.manifest)
-            check_patch_fits(doc, manifest, "patch")
+            bundle, manifest = _bundle_for(db, doc)
             if fmt == "trajectory":  # replay against the bundle; serve the complete directory
                 complete_patch_dir(pdir, state.bundle_dir(bundle))
-            tensors = check_trainables(manifest, load_tensors(pdir / ADAPTER_FILE), ADAPTER_FILE)
-            if tensor_digest(tensors) != doc.get("adapter_sha256"):
+            tensors = check_trainables(manifest, load_tensors(pdir / ADAPTER_FILE), f"patch refused: {ADAPTER_FILE}")
+            if tensor_digest(tensors) != doc.adapter_sha256:
                 raise ZoedgeError(f"the adapter tensors do not match adapter_sha256 in {PATCH_FILE}")
+            sanity.check_tensors(state.settings, tensors, sanity.fleet_norms(state, db, bundle.id), "patch refused")
             if fmt == "trajectory":
                 served = work / "complete.tar"
                 served_sha, _ = pack(pdir, served)
             else:
                 served, served_sha = upload, sha256
             row = Patch(device_id=device_id, bundle_id=bundle.id, kind=fmt, sha256=sha256, bytes=size,
-                        archive_sha256=served_sha, adapter_sha256=doc["adapter_sha256"],
-                        version=latest_global_version(db, bundle.id), steps=int(doc.get("steps", 0)),
-                        examples=int(doc.get("examples", 0)), metrics=doc.get("metrics") or {})
+                        archive_sha256=served_sha, adapter_sha256=doc.adapter_sha256,
+                        version=latest_global_version(db, bundle.id), steps=doc.steps, examples=doc.examples,
+                        metrics=doc.metrics)
             row.adapter_blob = state.blobs.put_copy(pdir / ADAPTER_FILE)
             if served is not upload:
                 state.blobs.put_file(served, served_sha)
@@ -118,17 +121,28 @@ def _existing_patch(db: Session, sha256: str, device_id: str) -> Optional[Patch]
     return existing
 
 
-def _bundle_for(db: Session, doc: dict) -> Bundle:
-    bundle_id = doc.get("bundle_id")
-    bundle = db.get(Bundle, bundle_id) if isinstance(bundle_id, str) and bundle_id else None
-    if bundle is None:
-        bundle = db.scalar(select(Bundle).where(Bundle.base_sha256 == str(doc.get("base_sha256")),
-                                                Bundle.initial_sha256 == str(doc.get("initial_sha256")))
-                           .order_by(Bundle.created.desc()).limit(1))
-    if bundle is None:
-        raise ZoedgeError(f"no published bundle fits this patch (model {doc.get('model_id')}, base "
-                          f"{str(doc.get('base_sha256'))[:12]}); publish the bundle first")
-    return bundle
+def _bundle_for(db: Session, doc: PatchDoc) -> tuple[Bundle, Manifest]:
+    """The published bundle the patch names, else the newest one it fits (a re-export with the same base,
+    initial tensors, labels and trainables); the patch is checked to fit it."""
+    bundle = db.get(Bundle, doc.bundle_id) if doc.bundle_id else None
+    if bundle is not None:
+        manifest = Manifest.from_dict(bundle.manifest)
+        doc.check_fits(manifest, "patch")
+        return bundle, manifest
+    refusal = None
+    for bundle in db.scalars(select(Bundle).where(Bundle.base_sha256 == doc.base_sha256,
+                                                  Bundle.initial_sha256 == doc.initial_sha256)
+                             .order_by(Bundle.created.desc()).limit(20)):
+        manifest = Manifest.from_dict(bundle.manifest)
+        try:
+            doc.check_fits(manifest, "patch")
+            return bundle, manifest
+        except ZoedgeError as e:
+            refusal = refusal or e
+    if refusal is not None:
+        raise refusal
+    raise ZoedgeError(f"no published bundle fits this patch (model {doc.model_id:.80}, base "
+                      f"{doc.base_sha256[:12]}); publish the bundle first")
 
 
 def latest_global_version(db: Session, bundle_id: str) -> int:

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = 4096 * MiB  # one bundle archive
     rate_limit_per_minute: int = 120  # patch uploads per device and minute, per worker process; 0 = off
     public_dashboard: bool = True  # `/` without a token (device names and patch metrics, never tokens)
+    # Patch sanity (zoedge/server/sanity.py, docs/server.md): what no healthy training run produces is refused.
+    max_tensor_abs: float = 1e3  # any trained value beyond ±this is refused at upload and aggregation; 0 = off
+    max_norm_ratio: float = 100.0  # a tensor's L2 norm above this times its fleet median is refused; 0 = off
+    norm_ratio_min_patches: int = 5  # the ratio check needs this many accepted device patches of the bundle
 
     @property
     def db_url(self) -> str:

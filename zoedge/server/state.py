@@ -10,12 +10,12 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from zoedge.device.archive import unpack
 from zoedge.server.blobs import BlobStore
 from zoedge.server.metrics import Metrics
 from zoedge.server.models import Bundle
 from zoedge.server.ratelimit import RateLimiter
 from zoedge.server.settings import Settings
+from zoedge.transfer import unpack
 
 
 @dataclass

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from fastapi import HTTPException, Request, status
 
-SHA256_HEADER = "X-Zoedge-Sha256"
-FORMAT_HEADER = "X-Zoedge-Format"
+from zoedge.transfer import SHA256_HEADER
 DRAIN_FACTOR = 4  # bodies up to this many times the limit are read to the end, so the client sees the 413
 
 RAW_ARCHIVE_BODY = {

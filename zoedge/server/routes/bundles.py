@@ -13,7 +13,8 @@ from zoedge.server.deps import AdminDep, CallerDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_bundle
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.schemas import AggregateRequest, BundleDetail, BundleOut, PatchOut
-from zoedge.server.uploads import RAW_ARCHIVE_BODY, SHA256_HEADER, check_declared_sha256, receive_body
+from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
+from zoedge.transfer import SHA256_HEADER
 
 router = APIRouter(prefix="/bundles", tags=["bundles"])
 

@@ -14,9 +14,8 @@ from zoedge.server.deps import CallerDep, DeviceDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_patch
 from zoedge.server.models import Patch
 from zoedge.server.schemas import PatchOut
-from zoedge.server.uploads import (
-    FORMAT_HEADER, RAW_ARCHIVE_BODY, SHA256_HEADER, check_declared_sha256, receive_body,
-)
+from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
+from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER
 
 router = APIRouter(prefix="/patches", tags=["patches"])
 
