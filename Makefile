@@ -38,9 +38,13 @@ test-tflite:
 	bash scripts/tflite_env.sh
 	.venv-tflite/bin/python -m pytest -q -m tflite tests/test_tflite.py
 
-# The long reliability campaign: 50 SIGKILLs with resume, the slow crash tests, a longer schema fuzz.
+# The long reliability campaign: 50 SIGKILLs with resume (the same --resume command line every time), the
+# training-trust cases of issue 13 (guard, rollback + replay, corrupt checkpoints, poisoned patches, foreign
+# patches, batch-independent int8; MiniLM lr=10 on the real model), a longer schema fuzz.
 test-reliability: install
 	$(PY) scripts/crash_harness.py --kills 50 --json
+	$(PY) -m pytest -q tests/test_training_trust.py tests/test_real_trust.py tests/test_server_sanity.py \
+	    tests/test_patch_contract.py $(wildcard tests/test_quant_batch_independence.py)
 	ZOEDGE_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_reliability_server.py
 
 # Side-by-side benchmarks (results in bench/results, table in docs/benchmarks.md); about an hour.

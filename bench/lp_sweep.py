@@ -25,7 +25,7 @@ from zoedge.runtime.bundle import Bundle  # noqa: E402
 from zoedge.runtime.engine import create_session  # noqa: E402
 from zoedge.runtime.forward import BoundForward  # noqa: E402
 from zoedge.runtime.probe import fit_linear_probe  # noqa: E402
-from zoedge.runtime.trainer import Evaluator, load_dataset  # noqa: E402
+from zoedge.runtime.evaluator import Evaluator, load_dataset  # noqa: E402
 
 WORK = Path("/tmp/learn")
 

@@ -10,7 +10,7 @@ from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.forward import open_forward
 from zoedge.runtime.memory import peak_rss_mb
 from zoedge.runtime.patch import load_patch
-from zoedge.runtime.trainer import Evaluator, load_dataset
+from zoedge.runtime.evaluator import Evaluator, load_dataset
 
 
 def evaluate(bundle_dir: str | Path, data: str | Path, patch: str | Path | None = None, limit: int = 0,
