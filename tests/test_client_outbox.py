@@ -17,7 +17,7 @@ from zoedge.device.outbox import Outbox
 from zoedge.runtime.patch import ADAPTER_FILE, TRAJECTORY_FILE, read_patch
 from zoedge.runtime.tensors import load_tensors
 
-BOOT = "from zoedge.cli import app; from zoedge import fleet_cli; fleet_cli.register(app); app(prog_name='zoedge')"
+BOOT = "from zoedge.cli import app; app(prog_name='zoedge')"
 
 
 def zoedge(*args, timeout=120) -> subprocess.CompletedProcess:

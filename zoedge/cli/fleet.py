@@ -1,5 +1,5 @@
 """The fleet commands of the `zoedge` CLI: serve, device register, bundle publish, push, pull, sync,
-patch replay. `register(app)` adds them to the typer app of zoedge.cli (idempotent).
+patch replay, as one typer app that zoedge.cli joins.
 
 With --json the last stdout line is one JSON object. Errors are one line on stderr, exit 2."""
 
@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from zoedge.cli import fail, one_line_errors
+from zoedge.cli.errors import fail, one_line_errors
 
 SERVER_HELP = "Fleet server URL, e.g. http://127.0.0.1:8080"
 
@@ -194,26 +194,18 @@ def patch_replay(
           f"replayed {doc.steps} steps into {out} (adapter {doc.adapter_sha256[:12]} matches)")
 
 
-def _group(app: typer.Typer, name: str, help: str) -> typer.Typer:
-    """The sub-command group `name` of app, created if absent (another module may have made it)."""
-    for info in app.registered_groups:
-        if info.name == name and info.typer_instance is not None:
-            return info.typer_instance
-    group = typer.Typer(no_args_is_help=True, help=help)
-    app.add_typer(group, name=name)
-    return group
-
-
-def register(app: typer.Typer) -> None:
-    """Add the fleet commands to the zoedge CLI app (a second call does nothing)."""
-    if any(getattr(c, "name", None) == "push" for c in app.registered_commands):
-        return
-    app.command("serve")(serve)
-    app.command("push")(push)
-    app.command("pull")(pull)
-    app.command("sync")(sync)
-    _group(app, "device", "Devices of the fleet.").command("register")(device_register)
-    bundles = _group(app, "bundle", "Bundles on the fleet server.")
-    bundles.command("publish")(bundle_publish)
-    bundles.command("aggregate")(bundle_aggregate)
-    _group(app, "patch", "Patches.").command("replay")(patch_replay)
+app = typer.Typer()
+app.command("serve")(serve)
+app.command("push")(push)
+app.command("pull")(pull)
+app.command("sync")(sync)
+device = typer.Typer(no_args_is_help=True, help="Devices of the fleet.")
+device.command("register")(device_register)
+bundles = typer.Typer(no_args_is_help=True, help="Bundles on the fleet server.")
+bundles.command("publish")(bundle_publish)
+bundles.command("aggregate")(bundle_aggregate)
+patches = typer.Typer(no_args_is_help=True, help="Patches.")
+patches.command("replay")(patch_replay)
+app.add_typer(device, name="device")
+app.add_typer(bundles, name="bundle")
+app.add_typer(patches, name="patch")

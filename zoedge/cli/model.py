@@ -1,9 +1,7 @@
-"""The `zoedge` command line. Heavy libraries are imported inside each command, so the device commands
-never load torch and `zoedge --help` is instant. Every ZoedgeError becomes one line on stderr, exit 2."""
+"""The bundle commands: export, verify, inspect, train, eval."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -11,36 +9,9 @@ from typing import Optional
 
 import typer
 
-from zoedge.errors import ZoedgeError
+from zoedge.cli.errors import csv_list as _csv, one_line_errors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Export a model to an ONNX bundle, fine-tune it on-device with forward passes only, sync patches.")
-
-
-def fail(msg: str, code: int = 2) -> None:
-    print(f"zoedge: error: {msg}", file=sys.stderr)
-    raise typer.Exit(code)
-
-
-def one_line_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ZoedgeError as e:
-            fail(str(e))
-        except OSError as e:  # disk full, read-only or missing directory, permissions
-            where = f"{e.filename}: " if e.filename else ""
-            fail(f"{where}{e.strerror or e}")
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
-    return wrapper
-
-
-def _csv(value: Optional[str]) -> Optional[list[str]]:
-    if value is None:
-        return None
-    return [v.strip() for v in value.split(",") if v.strip()]
+app = typer.Typer()
 
 
 def _words(value: Optional[str]) -> Optional[list[str]]:
@@ -123,6 +94,14 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle directory")) -> None
     print(describe(bundle))
 
 
+def _train_option(name: str, *flags: str):
+    """A `zoedge train` option whose default and help are TrainConfig's field (declared once, in runtime/config.py)."""
+    from zoedge.runtime.config import TrainConfig
+
+    f = TrainConfig.__dataclass_fields__[name]
+    return typer.Option(f.default, *flags, help=f.metadata["help"])
+
+
 @app.command()
 @one_line_errors
 def train(
@@ -130,34 +109,31 @@ def train(
     data: Path = typer.Option(..., help="Training data: TSV/CSV/JSONL with text (and label) columns"),
     out: Path = typer.Option(..., help="Patch directory to write (checkpoints live here while training)"),
     eval: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled data, evaluated every --eval-every steps"),
-    steps: Optional[int] = typer.Option(None, help="ZO steps (default: by bundle kind)"),
-    batch_size: int = typer.Option(16, help="Examples per step"),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (default: by bundle kind)"),
-    eps: Optional[float] = typer.Option(None, help="Perturbation scale epsilon (default: by bundle kind)"),
-    perturbations: int = typer.Option(1, help="q: perturbations averaged per step (n-SPSA)"),
-    batched: bool = typer.Option(False, "--batched", help="Evaluate all perturbations in one batched forward"),
-    optimizer: str = typer.Option("zo-sgd", help="zo-sgd | zo-momentum | zo-adam"),
-    objective: Optional[str] = typer.Option(None, help="ce | accuracy | f1 (classify), lm (lm bundles)"),
-    head_init: Optional[str] = typer.Option(None, help="lp (linear-probe fit of the head first) | none"),
-    lp_examples: Optional[int] = typer.Option(None, help="Training examples for the linear-probe head start "
-                                                         "(default: 30000 encoder, 8000 decoder)"),
-    prompt: Optional[str] = typer.Option(None, help="Decoder bundles: auto (default: pick among the bundle's prompt "
-                                                    "candidates by held-out probe accuracy) or a template with {sentence}"),
-    head_lr: float = typer.Option(0.0, help="> 0: train the head by its exact gradient (numpy) at this lr; ZO only on "
-                                            "the other trainables"),
-    weight_decay: float = typer.Option(0.0, help="Weight decay (not on biases / norms)"),
-    lr_schedule: str = typer.Option("constant", help="constant | linear | cosine"),
-    clip: float = typer.Option(0.0, help="Clip |projected gradient| to this value (0 = off)"),
-    eval_every: Optional[int] = typer.Option(None, help="Evaluate every N steps (default: steps/10)"),
-    eval_limit: int = typer.Option(0, help="Use at most N eval examples (0 = all)"),
-    patience: int = typer.Option(0, help="Stop after N evals without improvement (0 = off)"),
-    keep: str = typer.Option("best", help="best (by --eval) | last: which tensors become the patch"),
-    roles: Optional[str] = typer.Option(None, help="Train only these trainable roles, e.g. lora_B,head (LoRA-FA)"),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget, e.g. 300MB: plans the batch size"),
-    checkpoint_every: int = typer.Option(100, help="Write a checkpoint every N steps (0 = never)"),
+    steps: Optional[int] = _train_option('steps'),
+    batch_size: int = _train_option('batch_size'),
+    lr: Optional[float] = _train_option('lr'),
+    eps: Optional[float] = _train_option('eps'),
+    perturbations: int = _train_option('perturbations'),
+    batched: bool = _train_option('batched', "--batched"),
+    optimizer: str = _train_option('optimizer'),
+    objective: Optional[str] = _train_option('objective'),
+    head_init: Optional[str] = _train_option('head_init'),
+    lp_examples: Optional[int] = _train_option('lp_examples'),
+    prompt: Optional[str] = _train_option('prompt'),
+    head_lr: float = _train_option('head_lr'),
+    weight_decay: float = _train_option('weight_decay'),
+    lr_schedule: str = _train_option('lr_schedule'),
+    clip: float = _train_option('clip'),
+    eval_every: Optional[int] = _train_option('eval_every'),
+    eval_limit: int = _train_option('eval_limit'),
+    patience: int = _train_option('patience'),
+    keep: str = _train_option('keep'),
+    roles: Optional[str] = _train_option('roles'),
+    max_memory: Optional[str] = _train_option('max_memory'),
+    checkpoint_every: int = _train_option('checkpoint_every'),
+    seed: int = _train_option('seed'),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out; start fresh when there is none "
                                                         "(one fixed command line survives a kill at any moment)"),
-    seed: int = typer.Option(0, help="Run seed (perturbation directions and minibatches)"),
     plot: Optional[Path] = typer.Option(None, help="Write a training-curve PNG"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
 ) -> None:
@@ -166,11 +142,9 @@ def train(
     from zoedge.runtime.trainer import TrainConfig
     from zoedge.runtime.trainer import train as run_train
 
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, eps=eps, perturbations=perturbations, batched=batched,
-                      optimizer=optimizer, objective=objective, head_init=head_init, lp_examples=lp_examples, prompt=prompt,
-                      weight_decay=weight_decay, head_lr=head_lr, lr_schedule=lr_schedule, clip=clip, eval_every=eval_every, eval_limit=eval_limit,
-                      patience=patience, keep=keep, max_memory=max_memory, checkpoint_every=checkpoint_every, seed=seed,
-                      roles=_csv(roles))
+    settings = dict(locals())
+    cfg = TrainConfig(**{k: settings[k] for k in TrainConfig.__dataclass_fields__})
+    cfg.roles = _csv(roles)
     with TrainProgress() as progress:
         result = run_train(bundle, data, out, cfg, eval_path=eval, resume=resume, on_step=progress.update,
                            log=progress.log)
@@ -206,18 +180,3 @@ def eval_cmd(
     else:
         what = "accuracy" if "accuracy" in r else "loss"
         print(f"{what} {r[what]:.4f} on {r['n']} examples (peak RSS {r['peak_rss_mb']:.0f}MB)")
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
-# Fleet commands (serve, device register, bundle publish, push, pull, sync, patch replay) live in their own
-# module; registered after `fail` / `one_line_errors` exist, which they use.
-from zoedge import fleet_cli  # noqa: E402
-
-fleet_cli.register(app)
-
-from zoedge.bench import cli as bench_cli  # noqa: E402
-
-bench_cli.register(app)
