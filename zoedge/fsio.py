@@ -13,17 +13,40 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 
-def _umask_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode an ordinary new directory gets under the current umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
 
 
 def mkstemp_in(directory: str | Path, name: str) -> tuple[int, str]:
     """A temporary file `.NAME.xxxx` in `directory`, with ordinary permissions (mkstemp alone gives 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-    os.fchmod(fd, _umask_mode())
+    os.fchmod(fd, file_mode())
     return fd, tmp
+
+
+def mkdtemp_in(directory: str | Path, name: str) -> Path:
+    """A temporary directory `.NAME.xxxx` in `directory` that becomes a result by a rename, with ordinary
+    permissions (mkdtemp alone gives 0700, which a renamed bundle or patch directory would keep)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+    os.chmod(tmp, dir_mode())
+    return tmp
+
+
+def make_ordinary(path: str | Path) -> None:
+    """Give a file written by a library that creates files 0600 (safetensors' save_file) the ordinary mode."""
+    os.chmod(path, file_mode())
 
 
 def fsync_dir(path: str | Path) -> None:

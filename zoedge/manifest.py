@@ -104,6 +104,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     zoedge_version: str = ""
     bundle_id: str = ""
+    # A merged bundle (`zoedge patch merge`): the trained values are graph initializers, there are no trainables;
+    # {"bundle_id", "patch_adapter_sha256", "patch_kind", "patch_version"} of what was merged. Empty otherwise.
+    merged_from: dict[str, Any] = field(default_factory=dict)
 
     # ---- validation -------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -159,6 +162,8 @@ class Manifest:
         if not isinstance(self.providers, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str)
                                                            for p in self.providers):
             raise bad("providers", "a list of {name, options} objects")
+        if not isinstance(self.merged_from, dict):
+            raise bad("merged_from", "an object")
         for t in self.trainables:
             if not isinstance(t.name, str) or not isinstance(t.shape, list):
                 raise ZoedgeError(f"manifest: malformed trainable entry {t.name!r:.80}")

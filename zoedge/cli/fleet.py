@@ -194,6 +194,23 @@ def patch_replay(
           f"replayed {doc.steps} steps into {out} (adapter {doc.adapter_sha256[:12]} matches)")
 
 
+@one_line_errors
+def patch_merge(
+    bundle: Path = typer.Argument(..., help="The bundle the patch was trained on"),
+    patch: Path = typer.Argument(..., help="Patch directory (with adapter_model.safetensors)"),
+    out: Path = typer.Option(..., "--out", help="Directory to write the merged bundle to (absent or empty)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Bake a patch into a plain inference bundle (trained values as ONNX initializers, no trainable inputs) that
+    `zoedge predict` runs without --patch. Needs the onnx package, which the device core lacks: pip install onnx
+    (it is in the export extra)."""
+    from zoedge.device.merge import merge_patch
+
+    m = merge_patch(bundle, patch, out)
+    _emit({"out": str(out), "bundle_id": m.bundle_id, "merged_from": m.merged_from}, json_out,
+          f"merged {patch} into {out} (bundle {m.bundle_id}; run it with `zoedge predict {out} --data FILE`)")
+
+
 app = typer.Typer()
 app.command("serve")(serve)
 app.command("push")(push)
@@ -206,6 +223,7 @@ bundles.command("publish")(bundle_publish)
 bundles.command("aggregate")(bundle_aggregate)
 patches = typer.Typer(no_args_is_help=True, help="Patches.")
 patches.command("replay")(patch_replay)
+patches.command("merge")(patch_merge)
 app.add_typer(device, name="device")
 app.add_typer(bundles, name="bundle")
 app.add_typer(patches, name="patch")

@@ -1,4 +1,4 @@
-"""The bundle commands: export, verify, inspect, train, eval."""
+"""The bundle commands: export, verify, inspect, train, eval, predict."""
 
 from __future__ import annotations
 
@@ -180,3 +180,30 @@ def eval_cmd(
     else:
         what = "accuracy" if "accuracy" in r else "loss"
         print(f"{what} {r[what]:.4f} on {r['n']} examples (peak RSS {r['peak_rss_mb']:.0f}MB)")
+
+
+@app.command()
+@one_line_errors
+def predict(
+    bundle: Path = typer.Argument(..., help="Bundle directory (or a merged bundle from `zoedge patch merge`)"),
+    data: str = typer.Option(..., help="Inputs: TSV/CSV/JSONL (a text column; a label column is optional), a plain "
+                                       "text file (one input per line), or - for standard input, answered line by line"),
+    patch: Optional[Path] = typer.Option(None, help="Patch directory to apply (not needed for a merged bundle)"),
+    batch_size: int = typer.Option(64, help="Inputs per forward (files)"),
+) -> None:
+    """Predict a label for each input: one JSON line on stdout per input, {"text", "label", "probabilities"}
+    (+ "expected" when the file has labels)."""
+    from zoedge.runtime.predict import Predictor, predict_lines, predict_stream, read_inputs, stdin_rows
+
+    texts, labels = (None, None) if data == "-" else read_inputs(Path(data))
+    pred = Predictor(bundle, patch=patch, batch=min(batch_size, 64))
+    if pred.untrained:
+        print(f"zoedge: note: no --patch: these are the predictions of the exported bundle {bundle}, untrained",
+              file=sys.stderr)
+    if texts is None:
+        summary = predict_stream(pred, stdin_rows(), sys.stdout)
+    else:
+        summary = predict_lines(pred, texts, labels, sys.stdout, batch=max(1, batch_size))
+    if "accuracy" in summary:
+        print(f"zoedge: {summary['n']} inputs, accuracy {summary['accuracy']:.4f} against the file's labels",
+              file=sys.stderr)

@@ -30,6 +30,8 @@ class Bundle:
         return cls(path, manifest, TextEncoder(path, manifest))
 
     def initial_trainables(self) -> dict[str, np.ndarray]:
+        if not self.manifest.trainables:  # a merged bundle: its trained values are graph initializers
+            return {}
         tensors = load_tensors(self.path / TRAINABLE_FILE)
         return check_trainables(self.manifest, tensors, str(self.path / TRAINABLE_FILE))
 

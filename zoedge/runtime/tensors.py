@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save, save_file
 
 from zoedge.errors import ZoedgeError
+from zoedge.fsio import make_ordinary
 
 
 def tensor_digest(tensors: dict[str, np.ndarray]) -> str:
@@ -33,6 +34,7 @@ def load_tensors(path: str | Path) -> dict[str, np.ndarray]:
 
 def save_tensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+    make_ordinary(path)  # safetensors creates its files 0600
 
 
 def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
