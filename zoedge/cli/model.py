@@ -134,11 +134,12 @@ def train(
     seed: int = _train_option('seed'),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out; start fresh when there is none "
                                                         "(one fixed command line survives a kill at any moment)"),
-    plot: Optional[Path] = typer.Option(None, help="Write a training-curve PNG"),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: training loss and eval accuracy per step, the start "
+                                                   "and head-start levels, the kept step"),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary as the last line"),
 ) -> None:
     """Fine-tune a bundle's trainable tensors with zeroth-order steps (forward passes only) -> patch."""
-    from zoedge.runtime.progress import TrainProgress
+    from zoedge.runtime.progress import TrainProgress, summary_line
     from zoedge.runtime.trainer import TrainConfig
     from zoedge.runtime.trainer import train as run_train
 
@@ -151,14 +152,11 @@ def train(
     if plot:
         from zoedge.runtime.progress import plot_history
 
-        plot_history(result["history"], plot)
+        plot_history(result["history"], plot, steps=progress.records, result=result,
+                     title=f"zoedge train {Path(bundle).name} on {Path(data).name}"
+                           + (f", eval {Path(eval).name}" if eval else ""))
     summary = {k: v for k, v in result.items() if k != "history"}
-    if json_out:
-        print(json.dumps(summary))
-    else:
-        start, end = result["eval_accuracy_start"], result["eval_accuracy"]
-        acc = f", eval accuracy {start:.4f} -> {end:.4f}" if start is not None and end is not None else ""
-        print(f"wrote {out}: {result['steps']} steps in {result['seconds']:.0f}s{acc}, peak RSS {result['peak_rss_mb']:.0f}MB")
+    print(json.dumps(summary) if json_out else summary_line(out, result))
 
 
 @app.command("eval")
