@@ -132,10 +132,9 @@ def test_sigkill_then_resume_is_bit_exact(tiny_bert_bundle, toy, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "zoedge", *map(str, args), "--out", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.safetensors").exists():
-        time.sleep(0.01)
-    time.sleep(0.05)
-    killed = proc.poll() is None
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.safetensors").exists():
+        time.sleep(0.001)
+    killed = proc.poll() is None  # killed as soon as the first checkpoint is there (1,500 steps remain)
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

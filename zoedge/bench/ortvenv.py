@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-VENV = Path(__file__).resolve().parents[2] / ".venv-ort-training"
+# Outside the repository tree (about 1.1 GB): the user's cache directory.
+VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zoedge" / "venv-ort-training"
 PACKAGES = ["onnxruntime-training-cpu==1.19.2", "numpy<2", "onnx<1.17", "torch==2.13.0", "sympy", "packaging"]
 STAMP = ".zoedge-bench-installed"
 
@@ -29,6 +31,7 @@ def ensure(log=print) -> Path:
     if not base:
         raise RuntimeError("onnxruntime-training-cpu 1.19.2 needs Python 3.11 (no python3.11 found)")
     log(f"creating {VENV} (onnxruntime-training-cpu 1.19.2, numpy<2, onnx<1.17, torch 2.13.0 CPU) ...")
+    VENV.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([base, "-m", "venv", "--clear", str(VENV)], check=True)
     subprocess.run([str(python()), "-m", "pip", "install", "-q", *PACKAGES], check=True)
     (VENV / STAMP).write_text(" ".join(PACKAGES) + "\n")
