@@ -123,6 +123,8 @@ class Manifest:
             raise ZoedgeError(f"manifest: unknown quantization {self.quantization!r}")
         if self.task == "classify" and len(self.labels) < 2:
             raise ZoedgeError("manifest: a classify bundle needs at least two labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise ZoedgeError(f"manifest: duplicate label in {self.labels!r:.120}")
         if self.kind == "decoder" and self.task == "classify" and len(self.label_token_ids) != len(self.labels):
             raise ZoedgeError("manifest: a decoder classify bundle needs one label word per label")
         if any("{sentence}" not in c for c in self.prompt_candidates):

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from zoedge.cli.errors import csv_list as _csv, one_line_errors
+from zoedge.cli.errors import csv_list as _csv, fail, one_line_errors
 
 app = typer.Typer()
 
@@ -48,6 +48,10 @@ def export(
     """Export a model to a bundle: ONNX graph with trainable tensors as inputs, manifest, tokenizer."""
     from zoedge.export.bundle import ExportOptions, export_bundle, validate
 
+    names = _csv(labels) or []
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        fail(f"bad --labels {labels!r}: {', '.join(repr(x) for x in twice)} given more than once (one name per class)")
     opts = ExportOptions(model=model, out=out, task=task, labels=_csv(labels) or [], label_words=_words(label_words),
                          prompt=prompt, trainable=trainable, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_targets=_csv(lora_targets) or [], quant=quant, calibration=calibration, target=target,
@@ -72,26 +76,40 @@ def verify(
     bundle: Path = typer.Argument(..., help="Bundle directory"),
     data: Optional[Path] = typer.Option(None, help="Sentences to compare on (default: built-in sample)"),
     n: int = typer.Option(32, help="Number of sentences"),
+    min_agreement: Optional[float] = typer.Option(None, help="Pass only at this prediction agreement or more "
+                                                             "(default: 1.0 for fp32, 0.95 fp16, 0.85 quantized)"),
+    max_diff: Optional[float] = typer.Option(None, help="Pass only if max |onnx - torch| is at most this "
+                                                        "(default: 1e-3 for fp32, unchecked otherwise)"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Compare the bundle in onnxruntime with the source model in torch (random non-zero trainables)."""
-    from zoedge.export.verify import verify_bundle
+    """Compare the bundle in onnxruntime with the source model in torch (random non-zero trainables): PASS or FAIL
+    (exit 1)."""
+    from zoedge.export.verify import verdict, verify_bundle
 
     r = verify_bundle(bundle, data=data, n=n)
+    passed, why = verdict(r, min_agreement, max_diff)
+    r = {**r, "passed": passed, "verdict": why}
+    short = f" (--n {n} asked; {data} has {r['n']})" if r["n"] < n else ""
     if json_out:
         print(json.dumps(r))
     else:
         print(f"{bundle}: max |onnx - torch| = {r['max_abs_diff']:.3g}, prediction agreement "
-              f"{r['prediction_agreement'] * 100:.1f}% on {r['n']} inputs ({r['quantization']})")
+              f"{r['prediction_agreement'] * 100:.1f}% on {r['n']} inputs{short} ({r['quantization']}): "
+              f"{'PASS' if passed else 'FAIL'}: {why}")
+    if not passed:
+        raise typer.Exit(1)
 
 
 @app.command()
 @one_line_errors
 def inspect(bundle: Path = typer.Argument(..., help="Bundle directory")) -> None:
-    """Print a human summary of a bundle's manifest."""
-    from zoedge.runtime.inspect import describe
+    """Print a human summary of a bundle's manifest; exit 2 if a file it lists is missing or altered."""
+    from zoedge.runtime.inspect import describe, file_problems
 
     print(describe(bundle))
+    problems = file_problems(bundle)
+    if problems:
+        fail(f"{bundle}: {'; '.join(problems)}")
 
 
 def _train_option(name: str, *flags: str):

@@ -41,7 +41,7 @@ def read_examples(path: str | Path, need_labels: bool = True, limit: int | None 
     if suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(path, raw)
     else:
-        delimiter = "," if suffix == ".csv" else "\t"
+        delimiter = _delimiter(path, raw, "," if suffix == ".csv" else "\t")
         rows = _delimited_rows(path, raw, delimiter)
     if not rows:
         raise ZoedgeError(f"{path}: no examples (only a header?)")
@@ -66,6 +66,29 @@ def read_examples(path: str | Path, need_labels: bool = True, limit: int | None 
                 raise ZoedgeError(f"{path}: row {i} has no {label_col!r}")
             labels.append(str(lab).strip() if lab is not None else "")
     return Examples(texts, labels if label_col is not None else None)
+
+
+DELIMITERS = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
+
+
+def _delimiter(path: Path, raw: str, expected: str) -> str:
+    """The expected delimiter, unless the header row names a text column only when split by another one
+    (a `;`-separated .csv, as spreadsheets in many locales write, or a comma-separated .tsv): then that one."""
+    header = raw.lstrip("\ufeff").split("\n", 1)[0].strip("\r")
+
+    def columns(d: str) -> list[str]:
+        return [c.strip().strip('"') for c in header.split(d)]
+
+    if any(c in TEXT_COLUMNS for c in columns(expected)):
+        return expected
+    for d in DELIMITERS:
+        if d != expected and any(c in TEXT_COLUMNS for c in columns(d)):
+            return d
+    if expected not in header:
+        seen = [name for d, name in DELIMITERS.items() if d in header]
+        raise ZoedgeError(f"{path}: the header row {header[:80]!r} has no {DELIMITERS[expected]} separator and no "
+                          f"text column ({', '.join(TEXT_COLUMNS)})" + (f"; it holds {', '.join(seen)}s" if seen else ""))
+    return expected
 
 
 def _delimited_rows(path: Path, raw: str, delimiter: str) -> list[dict]:
@@ -109,6 +132,20 @@ def label_indices(examples: Examples, labels: list[str], path: str | Path = "dat
             out.append(int(lab))
         else:
             raise ZoedgeError(
-                f"{path}: example {i + 1} has label {lab!r}, not one of the bundle's labels ({', '.join(labels)}) or their indices"
+                f"{path}: example {i + 1} has label {lab!r}, not one of the bundle's labels ({', '.join(labels)}) or "
+                f"their indices{relabel_hint(examples.labels, labels)}"
             )
     return out
+
+
+def relabel_hint(found: list[str], labels: list[str]) -> str:
+    """How to get a bundle for the file's labels: `; the file's labels are ham, spam: re-export ... --labels ham,spam`."""
+    names = list(dict.fromkeys(found))
+    if len(names) > 50:
+        return f"; the file has {len(names)} distinct labels"
+    if all(n.isdigit() for n in names):
+        k = max(int(n) for n in names) + 1
+        return f"; the file's labels are indices up to {k - 1}: re-export the bundle with --labels and {k} names"
+    if any("," in n for n in names):
+        return f"; the file's labels are {', '.join(repr(n) for n in names[:10])}"
+    return f"; the file's labels are {', '.join(names)}: re-export the bundle with --labels {','.join(names)}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from zoedge.manifest import Manifest
+from zoedge.manifest import Manifest, sha256_file
 
 
 def describe(bundle_dir: str | Path) -> str:
@@ -41,3 +41,16 @@ def describe(bundle_dir: str | Path) -> str:
         "files       " + ", ".join(f"{k} ({v[:8]})" for k, v in m.files.items()),
     ]
     return "\n".join(lines)
+
+
+def file_problems(bundle_dir: str | Path) -> list[str]:
+    """Every file the manifest lists that is missing or does not match its sha256 (empty: the bundle is whole)."""
+    m = Manifest.load(bundle_dir)
+    out = []
+    for name, digest in m.files.items():
+        p = Path(bundle_dir) / name
+        if not p.is_file():
+            out.append(f"{name} is missing")
+        elif sha256_file(p) != digest:
+            out.append(f"{name} does not match its sha256 (corrupt or edited)")
+    return out
