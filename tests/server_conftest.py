@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from zoedge.device.client import FleetClient
 from zoedge.server.app import create_app
@@ -73,6 +73,8 @@ class LiveServer:
 def reset_postgres(url: str) -> None:
     engine = create_engine(Settings(database_url=url).db_url)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:  # the migrations' bookkeeping too, or the next server thinks it is at head
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
 
 

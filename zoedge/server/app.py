@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 import zoedge
 from zoedge.errors import ZoedgeError
 from zoedge.server.blobs import BlobStore
-from zoedge.server.db import create_tables, make_engine, make_sessions
+from zoedge.server import schema
+from zoedge.server.db import make_engine, make_sessions
 from zoedge.server.metrics import Metrics
 from zoedge.server.ratelimit import RateLimiter
 from zoedge.server.routes import bundles, devices, ops, patches
@@ -28,7 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings)
-    create_tables(engine)
+    schema.upgrade(engine)  # Alembic migrations to the newest revision
     sessions = make_sessions(engine)
     state = ServerState(settings=settings, engine=engine, sessions=sessions,
                         blobs=BlobStore(settings.data_dir / "blobs"), metrics=Metrics(sessions),

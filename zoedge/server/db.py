@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from zoedge.server.models import Base
 from zoedge.server.settings import Settings
-
-PG_SCHEMA_LOCK = 0x7A0E  # advisory lock so several workers starting at once create the tables once
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -29,13 +26,6 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-def create_tables(engine: Engine) -> None:
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": PG_SCHEMA_LOCK})
-        Base.metadata.create_all(conn)
 
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:
