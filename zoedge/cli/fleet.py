@@ -1,5 +1,5 @@
-"""The fleet commands of the `zoedge` CLI: serve, device register, bundle publish, push, pull, sync,
-patch replay, as one typer app that zoedge.cli joins.
+"""The fleet commands of the `zoedge` CLI: serve, device register, bundle publish / aggregate / pull, push, pull,
+sync, patches list, patch replay / merge, as one typer app that zoedge.cli joins.
 
 With --json the last stdout line is one JSON object. Errors are one line on stderr, exit 2."""
 
@@ -128,19 +128,97 @@ def push(
           f"pushed {patch} as patch {r['patch_id']} ({r['kind']}, {r['bytes']:,} bytes)")
 
 
+BUNDLE_REF_HELP = "Bundle id (or a unique prefix of it), or a local bundle directory"
+
+
+def bundle_id_of(client, ref: str) -> str:
+    """The full id of a bundle named by a local bundle directory, an id or a unique id prefix."""
+    if Path(ref).is_dir():
+        from zoedge.manifest import Manifest
+
+        return Manifest.load(ref).bundle_id
+    return client.get_bundle(ref)["bundle_id"]
+
+
+def latest_global_of(client, bundle: Optional[str]) -> dict[str, Any]:
+    """The newest global patch of `bundle` (or of the only bundle with global patches)."""
+    if bundle:
+        bid = bundle_id_of(client, bundle)
+        found = client.latest_global(bid)
+        if found is None:
+            fail(f"bundle {bid} has no global patch yet (the admin aggregates with `zoedge bundle aggregate`)")
+        return found
+    found = client.list_patches(kind="global")
+    bundles = sorted({p["bundle_id"] for p in found})
+    if not bundles:
+        fail("the server has no global patch yet (the admin aggregates with `zoedge bundle aggregate`)")
+    if len(bundles) > 1:
+        fail(f"global patches exist for {len(bundles)} bundles ({', '.join(bundles[:3])}...): give --bundle")
+    return max(found, key=lambda p: p["version"])
+
+
 @one_line_errors
 def pull(
     server: str = typer.Option(..., help=SERVER_HELP),
     token: str = typer.Option(..., help="This device's token"),
-    patch_id: str = typer.Option(..., "--patch", help="Patch id (your own or a global one)"),
+    patch_id: Optional[str] = typer.Option(None, "--patch", help="Patch id or a unique prefix of it (your own "
+                                                                 "or a global one)"),
+    latest_global: bool = typer.Option(False, "--latest-global", help="The newest global patch (of --bundle)"),
+    bundle: Optional[str] = typer.Option(None, help=f"With --latest-global: {BUNDLE_REF_HELP} (default: the only "
+                                                    "bundle with global patches)"),
     out: Path = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ) -> None:
-    """Download a patch directory, checked against its sha256."""
+    """Download a patch directory (--patch ID, or --latest-global), checked against its sha256."""
+    if bool(patch_id) == latest_global:
+        fail("give --patch ID or --latest-global (one of them)")
     with _client(server, token) as c:
+        if latest_global:
+            patch_id = latest_global_of(c, bundle)["patch_id"]
         r = c.pull(patch_id, out)
     _emit({"patch_id": r["patch_id"], "out": str(out), "kind": r["kind"], "version": r["version"],
            "sha256": r["archive_sha256"]}, json_out, f"pulled patch {r['patch_id']} ({r['kind']}) into {out}")
+
+
+@one_line_errors
+def patches_list(
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: str = typer.Option(..., help="This device's token (its own and the global patches) or the admin's (all)"),
+    bundle: Optional[str] = typer.Option(None, help=BUNDLE_REF_HELP),
+    kind: Optional[str] = typer.Option(None, help="adapter | trajectory | global"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object {\"patches\": [...]}"),
+) -> None:
+    """List the patches you can read, oldest first, with their full ids (for `zoedge pull --patch`)."""
+    with _client(server, token) as c:
+        rows = c.list_patches(bundle_id=bundle_id_of(c, bundle) if bundle else None, kind=kind)
+    if json_out:
+        print(json.dumps({"patches": rows}))
+        return
+    if not rows:
+        print("no patches")
+        return
+    print(f"{'patch id':32}  {'kind':10}  {'version':>7}  {'bundle':12}  {'steps':>6}  {'examples':>8}  "
+          f"{'accuracy':>8}  created")
+    for p in rows:
+        acc = (p.get("metrics") or {}).get("eval_accuracy")
+        acc = f"{acc:.4f}" if isinstance(acc, (int, float)) else "-"
+        print(f"{p['patch_id']:32}  {p['kind']:10}  {p['version']:>7}  {p['bundle_id'][:12]:12}  {p['steps']:>6}  "
+              f"{p['examples']:>8}  {acc:>8}  {p['created'][:19]}")
+
+
+@one_line_errors
+def bundle_pull(
+    bundle_id: str = typer.Argument(..., help="Bundle id or a unique prefix of it"),
+    server: str = typer.Option(..., help=SERVER_HELP),
+    token: str = typer.Option(..., help="A device token or the admin token"),
+    out: Path = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)"),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Download a published bundle, checked against its sha256 and every file against the manifest."""
+    with _client(server, token) as c:
+        r = c.pull_bundle(bundle_id, out)
+    _emit({"bundle_id": r["bundle_id"], "out": str(out), "sha256": r["sha256"], "bytes": r["bytes"]}, json_out,
+          f"pulled bundle {r['bundle_id']} ({r['model_id']}, {r['bytes'] / 1e6:.1f} MB) into {out}")
 
 
 @one_line_errors
@@ -221,9 +299,14 @@ device.command("register")(device_register)
 bundles = typer.Typer(no_args_is_help=True, help="Bundles on the fleet server.")
 bundles.command("publish")(bundle_publish)
 bundles.command("aggregate")(bundle_aggregate)
-patches = typer.Typer(no_args_is_help=True, help="Patches.")
-patches.command("replay")(patch_replay)
-patches.command("merge")(patch_merge)
+bundles.command("pull")(bundle_pull)
+patch = typer.Typer(no_args_is_help=True, help="Patches: list (on the server), replay, merge (offline).")
+patch.command("list")(patches_list)
+patch.command("replay")(patch_replay)
+patch.command("merge")(patch_merge)
+patches = typer.Typer(no_args_is_help=True, help="Patches on the fleet server.")
+patches.command("list")(patches_list)
 app.add_typer(device, name="device")
 app.add_typer(bundles, name="bundle")
-app.add_typer(patches, name="patch")
+app.add_typer(patch, name="patch")
+app.add_typer(patches, name="patches")

@@ -18,11 +18,13 @@ import httpx
 
 from zoedge.device.outbox import Outbox, OutboxEntry
 from zoedge.errors import ZoedgeError
-from zoedge.manifest import Manifest, sha256_file
+from zoedge.fsio import dir_mode
+from zoedge.manifest import Manifest, sha256_file, verify_files
 from zoedge.patchdoc import PATCH_FILES
 from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, inspect_patch_dir, pack, unpack
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 CONTENT_REJECTED = {400, 409, 413, 422}  # the upload itself is refused: retrying the same bytes cannot help
+NOT_YET = 424  # the patch's bundle is not published yet: the patch stays queued and is sent again later
 
 
 class FleetError(ZoedgeError):
@@ -137,6 +139,9 @@ class FleetClient:
                 where = outbox.reject(entry, str(e))
                 raise FleetError(f"{e} (moved to {where})", e.status) from None
             outbox.record_attempt(entry, str(e))
+            if e.status == NOT_YET:
+                raise FleetError(f"{e} (kept in {outbox.root}: `zoedge sync` sends it once the bundle is published)",
+                                 e.status) from None
             if isinstance(e, ServerUnreachable):
                 raise ServerUnreachable(f"{e}; the patch stays queued in {outbox.root} (run `zoedge sync`)") from None
             raise
@@ -162,7 +167,43 @@ class FleetClient:
         return self.request("GET", "/v1/patches", params=params).json()
 
     def get_patch(self, patch_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/patches/{patch_id}").json()
+        """A patch's metadata, by id or unique id prefix."""
+        return self.request("GET", f"/v1/patches/{_segment(patch_id)}").json()
+
+    def latest_global(self, bundle_id: str) -> Optional[dict[str, Any]]:
+        """The global patch of the bundle with the highest version (None: no aggregate yet)."""
+        found = self.list_patches(bundle_id=bundle_id, kind="global")
+        return max(found, key=lambda p: p["version"]) if found else None
+
+    def list_bundles(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/bundles").json()
+
+    def get_bundle(self, bundle_id: str) -> dict[str, Any]:
+        """A bundle's metadata (with its manifest), by id or unique id prefix."""
+        return self.request("GET", f"/v1/bundles/{_segment(bundle_id)}").json()
+
+    def pull_bundle(self, bundle_id: str, out: str | Path) -> dict[str, Any]:
+        """Download a published bundle into out (absent or empty), checked against the archive's sha256 and every
+        file against the manifest; the directory appears complete or not at all."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ZoedgeError(f"--out {out}: exists and is not an empty directory")
+        meta = self.get_bundle(bundle_id)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            archive = Path(tmp) / "bundle.tar"
+            self.download(f"/v1/bundles/{meta['bundle_id']}/archive", archive)
+            if sha256_file(archive) != meta["sha256"]:
+                raise FleetError(f"downloaded bundle {meta['bundle_id']} does not match its sha256 (corrupted in transit)")
+            unpack(archive, Path(tmp) / "bundle")
+            archive.unlink()
+            work = Path(tmp) / "bundle"
+            verify_files(work, Manifest.load(work))
+            os.chmod(work, dir_mode())
+            if out.exists():
+                out.rmdir()
+            os.rename(work, out)
+        return meta
 
     def pull(self, patch_id: str, out: str | Path) -> dict[str, Any]:
         """Download a patch into out (absent or empty), checked against its sha256s; the complete
@@ -174,9 +215,9 @@ class FleetClient:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             archive = Path(tmp) / "patch.tar"
-            self.download(f"/v1/patches/{patch_id}/archive", archive)
+            self.download(f"/v1/patches/{meta['patch_id']}/archive", archive)
             if sha256_file(archive) != meta["archive_sha256"]:
-                raise FleetError(f"downloaded patch {patch_id} does not match its sha256 (corrupted in transit)")
+                raise FleetError(f"downloaded patch {meta['patch_id']} does not match its sha256 (corrupted in transit)")
             unpack(archive, Path(tmp) / "patch", allowed=PATCH_FILES)
             inspect_patch_dir(Path(tmp) / "patch")
             if out.exists():
@@ -203,6 +244,13 @@ class FleetClient:
             if attempt < self.retries:
                 self.sleep(min(self.max_backoff, self.backoff * 2 ** attempt))
         raise ServerUnreachable(f"cannot download {path} from {self.server} after {self.retries + 1} attempts ({last})")
+
+
+def _segment(ident: str) -> str:
+    """An id as one URL path segment (a pasted id with a slash must not reach another route)."""
+    from urllib.parse import quote
+
+    return quote(ident.strip(), safe="")
 
 
 def _detail(r: httpx.Response) -> str:

@@ -13,7 +13,7 @@ def describe(bundle_dir: str | Path) -> str:
     size = sum(p.stat().st_size for p in Path(bundle_dir).iterdir() if p.is_file())
     roles = Counter(t.role for t in m.trainables)
     lines = [
-        f"bundle      {bundle_dir}  ({size / 1e6:.1f} MB, id {m.bundle_id[:12]}, schema {m.schema_version})",
+        f"bundle      {bundle_dir}  ({size / 1e6:.1f} MB, id {m.bundle_id}, schema {m.schema_version})",
         f"model       {m.model_id}  [{m.architecture} {m.kind}, {m.num_parameters:,} params]",
         f"base sha256 {m.base_sha256[:16]}...",
         f"task        {m.task}" + (f"  labels {m.labels}" if m.labels else ""),

@@ -29,18 +29,18 @@ th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}co
 <span class="kpi"><b>{{ n_patches }}</b>patches</span><span class="kpi"><b>{{ total_mb }}</b>MB stored</span></div>
 <h2>Bundles</h2>
 <table><tr><th>bundle</th><th>model</th><th>patches</th><th>global version</th><th>accuracy over uploads</th></tr>
-{% for b in bundles %}<tr><td><code>{{ b.id[:12] }}</code></td><td>{{ b.model_id }}</td><td class="n">{{ b.n }}</td>
+{% for b in bundles %}<tr><td><code>{{ b.id }}</code></td><td>{{ b.model_id }}</td><td class="n">{{ b.n }}</td>
 <td class="n">{{ b.version }}</td><td>{{ b.sparkline|safe }}</td></tr>
 {% else %}<tr><td colspan="5">no bundle published yet</td></tr>{% endfor %}</table>
 <h2>Devices</h2>
 <table><tr><th>name</th><th>device</th><th>registered</th><th>patches</th><th>last upload</th></tr>
-{% for d in devices %}<tr><td>{{ d.name }}</td><td><code>{{ d.id[:12] }}</code></td><td>{{ d.created }}</td>
+{% for d in devices %}<tr><td>{{ d.name }}</td><td><code>{{ d.id }}</code></td><td>{{ d.created }}</td>
 <td class="n">{{ d.n }}</td><td>{{ d.last or "—" }}</td></tr>
 {% else %}<tr><td colspan="5">no device registered yet</td></tr>{% endfor %}</table>
 <h2>Patches{% if n_patches > patches|length %} (latest {{ patches|length }}){% endif %}</h2>
 <table><tr><th>uploaded</th><th>patch</th><th>device</th><th>model</th><th>kind</th><th>version</th><th>steps</th>
 <th>examples</th><th>accuracy</th><th>bytes</th></tr>
-{% for p in patches %}<tr class="{{ p.kind }}"><td>{{ p.created }}</td><td><code>{{ p.id[:12] }}</code></td>
+{% for p in patches %}<tr class="{{ p.kind }}"><td>{{ p.created }}</td><td><code>{{ p.id }}</code></td>
 <td>{{ p.device }}</td><td>{{ p.model }}</td><td>{{ p.kind }}</td><td class="n">{{ p.version }}</td>
 <td class="n">{{ p.steps }}</td><td class="n">{{ p.examples }}</td><td class="n">{{ p.accuracy }}</td>
 <td class="n">{{ p.bytes }}</td></tr>

@@ -29,6 +29,7 @@ from zoedge.transfer import inspect_patch_dir, pack, unpack
 
 
 BUNDLE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NOT_PUBLISHED = "bundle not published"  # the start of a 424's detail (zoedge.device.client keeps such a patch queued)
 
 
 # ---- bundles ----------------------------------------------------------------------------------------
@@ -139,6 +140,11 @@ def _bundle_for(db: Session, doc: PatchDoc) -> tuple[Bundle, Manifest]:
             return bundle, manifest
         except ZoedgeError as e:
             refusal = refusal or e
+    if doc.bundle_id and BUNDLE_ID.match(doc.bundle_id):
+        # the bundle it was trained on may be published later: 424, so the device keeps it queued and retries
+        raise HTTPException(status.HTTP_424_FAILED_DEPENDENCY,
+                            f"{NOT_PUBLISHED}: bundle {doc.bundle_id} (model {doc.model_id:.80}) is not on this server "
+                            "yet; the patch can be sent again once the admin publishes it")
     if refusal is not None:
         raise refusal
     raise ZoedgeError(f"no published bundle fits this patch (model {doc.model_id:.80}, base "

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from zoedge.server.aggregate import aggregate
 from zoedge.server.deps import AdminDep, CallerDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_bundle
+from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.schemas import AggregateRequest, BundleDetail, BundleOut, PatchOut
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
@@ -36,8 +37,9 @@ def list_bundles(db: SessionDep, _: CallerDep) -> list[Bundle]:
     return list(db.scalars(select(Bundle).order_by(Bundle.created)))
 
 
-def _get(db: SessionDep, bundle_id: str) -> Bundle:
-    bundle = db.get(Bundle, bundle_id)
+def bundle_by_id(db: SessionDep, bundle_id: str) -> Bundle:
+    """By id or unique id prefix."""
+    bundle = by_id_or_prefix(db, Bundle, bundle_id, "bundle")
     if bundle is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bundle {bundle_id}")
     return bundle
@@ -45,12 +47,13 @@ def _get(db: SessionDep, bundle_id: str) -> Bundle:
 
 @router.get("/{bundle_id}", response_model=BundleDetail)
 def get_bundle(bundle_id: str, db: SessionDep, _: CallerDep) -> Bundle:
-    return _get(db, bundle_id)
+    """A bundle by id, or by a unique prefix of its id (at least 4 characters)."""
+    return bundle_by_id(db, bundle_id)
 
 
 @router.get("/{bundle_id}/archive", response_class=FileResponse)
 def download_bundle(bundle_id: str, db: SessionDep, state: StateDep, _: CallerDep) -> FileResponse:
-    bundle = _get(db, bundle_id)
+    bundle = bundle_by_id(db, bundle_id)
     return FileResponse(state.blobs.path(bundle.sha256), media_type="application/octet-stream",
                         filename=f"bundle-{bundle.id}.tar", headers={SHA256_HEADER: bundle.sha256})
 

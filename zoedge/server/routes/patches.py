@@ -12,6 +12,7 @@ from sqlalchemy import or_, select
 from zoedge.errors import ZoedgeError
 from zoedge.server.deps import CallerDep, DeviceDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_patch
+from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.models import Patch
 from zoedge.server.schemas import PatchOut
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
@@ -76,7 +77,9 @@ def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = N
 
 
 def readable_patch(db: SessionDep, caller: CallerDep, patch_id: str) -> Patch:
-    patch = db.get(Patch, patch_id)
+    """By id or unique id prefix (among the patches the caller may read)."""
+    visible = None if caller.admin else or_(Patch.device_id == caller.device.id, Patch.device_id.is_(None))
+    patch = by_id_or_prefix(db, Patch, patch_id, "patch", visible)
     if patch is None or not caller.can_read(patch.device_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no patch {patch_id}")  # others' patches do not exist
     return patch
@@ -84,13 +87,15 @@ def readable_patch(db: SessionDep, caller: CallerDep, patch_id: str) -> Patch:
 
 @router.get("/{patch_id}", response_model=PatchOut)
 def get_patch(patch_id: str, db: SessionDep, caller: CallerDep) -> Patch:
+    """A patch by id, or by a unique prefix of its id (at least 4 characters)."""
     return readable_patch(db, caller, patch_id)
 
 
 @router.get("/{patch_id}/archive", response_class=FileResponse)
 def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> FileResponse:
     """The complete patch directory as a tar: the uploaded archive for adapter patches; for trajectory
-    patches the upload plus the replayed adapter_model.safetensors (and adapter_config.json)."""
+    patches the upload plus the replayed adapter_model.safetensors (and adapter_config.json). `patch_id`: the id or
+    a unique prefix."""
     patch = readable_patch(db, caller, patch_id)
     return FileResponse(state.blobs.path(patch.archive_sha256), media_type="application/x-tar",
                         filename=f"patch-{patch.id}.tar", headers={SHA256_HEADER: patch.archive_sha256})
