@@ -21,3 +21,12 @@ def write_sentiment(path: Path, n: int, seed: int = 0) -> Path:
         lines.append(" ".join(words) + f"\t{label}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_toy_split(d: Path, n_train: int, n_dev: int) -> tuple[Path, Path]:
+    """A train and a dev file of the toy task, from different seeds."""
+    return write_sentiment(d / "train.tsv", n_train, seed=0), write_sentiment(d / "dev.tsv", n_dev, seed=1)
+
+
+def quiet(*_) -> None:
+    """A log callback that prints nothing."""

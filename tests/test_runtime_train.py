@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from runtime_helpers import write_sentiment
+from runtime_helpers import quiet, write_toy_split
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.engine import create_session
@@ -26,12 +26,7 @@ from zoedge.runtime.trainer import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
-    return write_sentiment(d / "train.tsv", 400, seed=0), write_sentiment(d / "dev.tsv", 200, seed=1)
-
-
-def quiet(*_):
-    pass
+    return write_toy_split(tmp_path_factory.mktemp("toy"), 400, 200)
 
 
 def test_zo_reduces_loss_on_a_learnable_task(tiny_bert_bundle, toy, tmp_path):

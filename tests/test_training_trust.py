@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, run_cli
-from runtime_helpers import write_sentiment
+from runtime_helpers import quiet, write_toy_split
 from zoedge.constants import TENSOR_ABS_LIMIT
 from zoedge.errors import ZoedgeError
 from zoedge.runtime import objectives, trainer
@@ -28,12 +28,7 @@ from zoedge.runtime.trainer import TrainConfig, train
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("trust")
-    return write_sentiment(d / "train.tsv", 200, seed=0), write_sentiment(d / "dev.tsv", 60, seed=1)
-
-
-def quiet(*_):
-    pass
+    return write_toy_split(tmp_path_factory.mktemp("trust"), 200, 60)
 
 
 def max_abs(tensors) -> float:
