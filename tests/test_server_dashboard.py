@@ -25,11 +25,13 @@ def test_dashboard_screenshot_in_headless_chromium(fleet, backend, tmp_path):
     with fleet.client(token) as c:
         c.push(make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=7001, seed=7001), "adapter", Outbox(tmp_path / "o"))
     shot = tmp_path / "dashboard.png"
+    # the dashboard needs the admin token: a browser sends it as the password of HTTP Basic auth
+    page = fleet.url.replace("http://", f"http://admin:{fleet.admin_token}@") + "/"
     with tempfile.TemporaryDirectory() as profile:
         p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                             "--disable-component-update", "--disable-sync", "--no-first-run",
                             f"--user-data-dir={profile}", "--window-size=1200,900", f"--screenshot={shot}",
-                            fleet.url + "/"], capture_output=True, text=True, timeout=90)
+                            page], capture_output=True, text=True, timeout=90)
     assert shot.is_file(), f"chromium wrote no screenshot (exit {p.returncode}): {p.stderr[-800:]}"
     data = shot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 10_000  # a rendered page, not an empty canvas
@@ -39,6 +41,6 @@ def test_dashboard_screenshot_in_headless_chromium(fleet, backend, tmp_path):
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                               "--disable-component-update", "--disable-sync", "--no-first-run",
-                              f"--user-data-dir={profile}", "--dump-dom", fleet.url + "/"],
+                              f"--user-data-dir={profile}", "--dump-dom", page],
                              capture_output=True, text=True, timeout=90).stdout
     assert "screenshot-pi" in dom and "<svg" in dom and "0.800" in dom

@@ -41,6 +41,8 @@ def serve(
                                                        "or $ZOEDGE_DATA_DIR)"),
     admin_token: Optional[str] = typer.Option(None, help="Admin bearer token (default: $ZOEDGE_ADMIN_TOKEN, "
                                                          "else a random one, printed)"),
+    read_token: Optional[str] = typer.Option(None, help="Read-only token for the dashboard and /metrics (default: "
+                                                        "$ZOEDGE_READ_TOKEN; both also open with the admin token)"),
 ) -> None:
     """Run the fleet server (FastAPI + uvicorn): devices push patches, the admin publishes and aggregates."""
     try:
@@ -57,6 +59,8 @@ def serve(
         overrides["data_dir"] = data_dir
     if admin_token:
         overrides["admin_token"] = admin_token
+    if read_token:
+        overrides["read_token"] = read_token
     settings = Settings(**overrides)
     if not settings.admin_token:
         settings.admin_token = secrets.token_urlsafe(24)

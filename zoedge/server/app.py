@@ -1,5 +1,5 @@
-"""`create_app(settings)`: the FastAPI application. Routes live under /v1, the OpenAPI schema at /openapi.json,
-the dashboard at / and Prometheus metrics at /metrics.
+"""`create_app(settings)`: the FastAPI application. Routes live under /v1, the OpenAPI schema at /openapi.json
+(interactive, offline: /docs and /redoc), the dashboard at / and Prometheus metrics at /metrics.
 
 Several workers: `uvicorn --factory zoedge.server.app:app_from_env --workers 4` with ZOEDGE_* variables
 (see docs/server.md)."""
@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 import zoedge
 from zoedge.errors import ZoedgeError
+from zoedge.server import apidocs
 from zoedge.server.blobs import BlobStore
 from zoedge.server import schema
 from zoedge.server.db import make_engine, make_sessions
@@ -40,9 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="zoedge fleet server", version=zoedge.__version__, lifespan=lifespan,
+    app = FastAPI(title="zoedge fleet server", version=zoedge.__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
                   description="Devices upload zeroth-order fine-tuning patches; the admin publishes bundles "
                               "and averages patches into global versions.")
+    apidocs.install(app)  # /docs and /redoc from packaged assets, no CDN
     app.state.zoedge = state
     api = APIRouter(prefix=API_PREFIX)
     for module in (devices, bundles, patches, ops):

@@ -18,7 +18,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 64 * MiB  # one patch archive
     max_bundle_bytes: int = 4096 * MiB  # one bundle archive
     rate_limit_per_minute: int = 120  # patch uploads per device and minute, per worker process; 0 = off
-    public_dashboard: bool = True  # `/` without a token (device names and patch metrics, never tokens)
+    # `/` (device names, patch metrics) and `/metrics` need the admin token or read_token unless made public
+    public_dashboard: bool = False
+    public_metrics: bool = False
+    read_token: str = ""  # read-only bearer token for the dashboard and /metrics (a Prometheus scraper); "" = none
     # Patch sanity (zoedge/server/sanity.py, docs/server.md): what no healthy training run produces is refused.
     max_tensor_abs: float = 1e3  # any trained value beyond ±this is refused at upload and aggregation; 0 = off
     max_norm_ratio: float = 100.0  # a tensor's L2 norm above this times its fleet median is refused; 0 = off
