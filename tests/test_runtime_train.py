@@ -49,22 +49,34 @@ def test_linear_probe_head_start(tiny_bert_bundle, toy, tmp_path):
     assert r["eval_accuracy_head_start"] >= 0.9 > r["eval_accuracy_start"]
 
 
-def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_bert_bundle, toy, tmp_path):
-    """The eval data disagrees with the training data (labels flipped): the probe scores below the exported
-    head there, so training starts from (and the patch keeps) the exported head."""
-    train_file, dev_file = toy
+def _flipped(dev_file, tmp_path):
     flipped = tmp_path / "flipped.tsv"
     lines = dev_file.read_text().splitlines()
     flipped.write_text("\n".join([lines[0]] + [f"{t}\t{1 - int(y)}" for t, y in (r.rsplit("\t", 1) for r in lines[1:])]) + "\n")
-    r = train(tiny_bert_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
-              eval_path=flipped, log=quiet)
+    return flipped
+
+
+def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle, toy, tmp_path):
+    """A decoder's exported head is its prompt's zero-shot classifier. The eval data disagrees with the training
+    data (labels flipped): the probe scores below the exported head there, so training starts from (and the
+    patch keeps) the exported head."""
+    train_file, dev_file = toy
+    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+              eval_path=_flipped(dev_file, tmp_path), log=quiet)
     assert r["eval_accuracy_head_start"] is None
     assert not (tmp_path / "p" / "start.safetensors").exists()
-    b = Bundle.open(tiny_bert_bundle)
+    b = Bundle.open(tiny_llama_bundle)
     heads = [t.name for t in b.manifest.trainables if t.role == "head"]
     got = load_tensors(tmp_path / "p" / ADAPTER_FILE)
     for k in heads:
         np.testing.assert_allclose(got[k], b.initial_trainables()[k], atol=1e-6)
+
+
+def test_an_encoders_random_head_is_no_baseline_to_keep(tiny_bert_bundle, toy, tmp_path):
+    train_file, dev_file = toy
+    r = train(tiny_bert_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+              eval_path=_flipped(dev_file, tmp_path), log=quiet)
+    assert r["eval_accuracy_head_start"] is not None and (tmp_path / "p" / "start.safetensors").exists()
 
 
 @pytest.mark.parametrize("optimizer, q", [("zo-sgd", 1), ("zo-sgd", 3), ("zo-momentum", 1), ("zo-adam", 2)])
