@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 
-MODULES = ["zoedge.cli", "zoedge.cli.errors", "zoedge.cli.model", "zoedge.cli.fleet", "zoedge.cli.bench"]
+MODULES = ["zoedge.cli", "zoedge.cli.errors", "zoedge.cli.model", "zoedge.cli.fleet", "zoedge.cli.bench",
+           "zoedge.cli.agent"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -22,7 +23,7 @@ def test_every_cli_module_imports_alone(module):
 def test_the_joined_app_has_every_command():
     p = subprocess.run([sys.executable, "-m", "zoedge", "--help"], capture_output=True, text=True, cwd=REPO)
     for command in ("export", "verify", "inspect", "train", "eval", "serve", "push", "pull", "sync", "device",
-                    "bundle", "patch", "bench"):
+                    "bundle", "patch", "bench", "predict", "patches", "agent"):
         assert f" {command} " in p.stdout, (command, p.stdout)
 
 

@@ -43,6 +43,9 @@ def serve(
                                                          "else a random one, printed)"),
     read_token: Optional[str] = typer.Option(None, help="Read-only token for the dashboard and /metrics (default: "
                                                         "$ZOEDGE_READ_TOKEN; both also open with the admin token)"),
+    auto_aggregate: Optional[int] = typer.Option(None, help="Average a round's patches into the next global patch "
+                                                            "once this many devices uploaded (default: "
+                                                            "$ZOEDGE_AUTO_AGGREGATE, 0 = off)"),
 ) -> None:
     """Run the fleet server (FastAPI + uvicorn): devices push patches, the admin publishes and aggregates."""
     try:
@@ -61,6 +64,8 @@ def serve(
         overrides["admin_token"] = admin_token
     if read_token:
         overrides["read_token"] = read_token
+    if auto_aggregate is not None:
+        overrides["auto_aggregate"] = auto_aggregate
     settings = Settings(**overrides)
     if not settings.admin_token:
         settings.admin_token = secrets.token_urlsafe(24)

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     max_tensor_abs: float = 1e3  # any trained value beyond ±this is refused at upload and aggregation; 0 = off
     max_norm_ratio: float = 100.0  # a tensor's L2 norm above this times its fleet median is refused; 0 = off
     norm_ratio_min_patches: int = 5  # the ratio check needs this many accepted device patches of the bundle
+    auto_aggregate: int = 0  # > 0: average the round's patches into a new global once this many devices uploaded
 
     @property
     def db_url(self) -> str:

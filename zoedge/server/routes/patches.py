@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 
 from zoedge.errors import ZoedgeError
+from zoedge.server.auto import maybe_aggregate
 from zoedge.server.deps import CallerDep, DeviceDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_patch
 from zoedge.server.lookup import by_id_or_prefix
@@ -53,6 +54,8 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
     metrics.uploads.labels("created" if created else "duplicate").inc()
     if not created:
         response.status_code = status.HTTP_200_OK
+    elif state.settings.auto_aggregate:
+        await run_in_threadpool(maybe_aggregate, state, patch.bundle_id)
     return patch
 
 
