@@ -204,3 +204,32 @@ def test_a_second_agent_on_the_same_state_dir_is_refused(tmp_path):
         first.wait(60)
     assert first.returncode == 0
     assert os.path.exists(tmp_path / "s" / "agent.lock")
+
+
+def test_a_run_over_its_time_budget_pauses_and_resumes_next_cycle(tiny_bert_bundle, tmp_path):
+    import io
+
+    from zoedge.device.agent import Agent
+    from zoedge.runtime.patch import read_patch
+
+    write_sentiment(tmp_path / "inbox.tsv", 80, seed=3)
+    (tmp_path / "agent.toml").write_text(f'server = "http://127.0.0.1:9"\ntoken = "t"\nbundle = "{tiny_bert_bundle}"\n'
+                                         'data = "inbox.tsv"\nstate_dir = "s"\ntrain_seconds = 0.3\n'
+                                         '[train]\nsteps = 400\ncheckpoint_every = 5\n')
+    cfg = load_config(tmp_path / "agent.toml")
+    out = io.StringIO()
+    agent = Agent(cfg, out)
+    cfg.state_dir.mkdir()
+    run = cfg.state_dir / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "train.jsonl").write_text("".join(json.dumps({"sentence": f"{w} film", "label": str(i % 2)}) + "\n"
+                                             for i, w in enumerate(["great", "awful"] * 20)))
+    assert agent.train(run, run / "train.jsonl", None) is None  # over budget: paused at a step
+    assert (run / "patch" / "checkpoint.safetensors").is_file() and not (run / "patch" / "patch.json").exists()
+    cfg.train_seconds = 0
+    patch = agent.train(run, run / "train.jsonl", None)
+    assert patch == run / "patch" and read_patch(patch)["steps"] == 400
+    evs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [e["event"] for e in evs if e["event"].startswith("train_") and e["event"] != "train_log"] == [
+        "train_start", "train_paused", "train_start", "train_done"]
+    assert any("resuming at step" in e.get("msg", "") for e in evs)

@@ -99,7 +99,7 @@ def test_plot_has_loss_accuracy_levels_kept_step_and_title(tmp_path):
         plt.Figure.savefig = real_savefig
     assert (tmp_path / "c.png").read_bytes().startswith(PNG_MAGIC)
     fig = saved[0]
-    assert fig._suptitle.get_text() == "zoedge train b on d.tsv"
+    assert fig.get_suptitle() == "zoedge train b on d.tsv"
     loss_ax, eval_ax = fig.axes
     assert loss_ax.get_ylabel() == "loss" and len(loss_ax.lines[0].get_xdata()) == 20
     labels = [t.get_text() for t in eval_ax.get_legend().get_texts()]
