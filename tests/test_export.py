@@ -143,8 +143,8 @@ def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
     plain = Manifest.load(export_tiny(tmp_path / "a", "tiny-bert", "--quant", "int8"))
     kept = Manifest.load(export_tiny(tmp_path / "b", "tiny-bert", "--quant", "int8", "--quant-exclude", r"output\.dense"))
     assert kept.quantization_details["excluded_by_pattern"] == 8  # 2 layers x 2 dense Linears x (MatMul, bias Add)
-    n_plain = plain.quantization_details["quantized_ops"]["MatMulInteger"]
-    assert kept.quantization_details["quantized_ops"]["MatMulInteger"] == n_plain - 4
+    n_plain = plain.quantization_details["quantized_ops"]["MatMulIntegerToFloat"]
+    assert kept.quantization_details["quantized_ops"]["MatMulIntegerToFloat"] == n_plain - 4
 
 
 def test_llama_int8_is_weight_only_and_int8_dynamic_keeps_down_proj_in_float(tmp_path):
@@ -162,7 +162,8 @@ def test_llama_int8_is_weight_only_and_int8_dynamic_keeps_down_proj_in_float(tmp
     assert m.quantization_details["exclude_pattern"] == "down_proj"
     assert m.quantization_details["excluded_by_pattern"] >= 2  # one down_proj MatMul per layer
     assert Manifest.load(export_tiny(tmp_path / "b", "tiny-bert", "--quant", "int8")).quantization_details[
-        "scheme"] == "int8-dynamic"
+        "scheme"] == "int8-token"
+    assert Manifest.load(export_tiny(tmp_path / "t", "tiny-bert", "--quant", "int8-token")).quantization == "int8-token"
 
 
 def test_llama_int4_is_hqq_with_float_zero_points(tmp_path):
