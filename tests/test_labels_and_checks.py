@@ -110,6 +110,7 @@ def test_inspect_fails_on_a_bundle_with_a_deleted_or_edited_file(tiny_bert_bundl
 
 def test_bundle_and_patch_files_have_ordinary_permissions(tiny_bert_bundle, tmp_path):
     mode = 0o666 & ~umask()
+    assert stat.S_IMODE(tiny_bert_bundle.stat().st_mode) == 0o777 & ~umask()  # the bundle directory itself
     for f in tiny_bert_bundle.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == mode, f
     patch = make_patch(tiny_bert_bundle, tmp_path / "p", start_head=True)

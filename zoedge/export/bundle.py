@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 import zoedge
 from zoedge.errors import ZoedgeError
+from zoedge.fsio import mkdtemp_in
 from zoedge.manifest import (
     FORMATS, MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Manifest, sha256_file,
 )
@@ -176,7 +176,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
                for t in sel.trainables}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = mkdtemp_in(out.parent, out.name)  # ordinary permissions once renamed into place
     try:
         if opts.copies:
             from zoedge.export.copies import enable_copies
