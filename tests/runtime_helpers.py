@@ -30,3 +30,23 @@ def write_toy_split(d: Path, n_train: int, n_dev: int) -> tuple[Path, Path]:
 
 def quiet(*_) -> None:
     """A log callback that prints nothing."""
+
+
+def kill_cli_when(args: list, ready, repo: Path, timeout: float = 120.0) -> bool:
+    """Start `python -m zoedge ARGS`, SIGKILL it as soon as ready() is true; True when it was still running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "zoedge", *map(str, args)], cwd=repo,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.001)
+    alive = proc.poll() is None
+    if alive:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return alive

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from runtime_helpers import quiet, write_toy_split
+from runtime_helpers import kill_cli_when, quiet, write_toy_split
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.engine import create_session
@@ -135,16 +130,8 @@ def test_sigkill_then_resume_is_bit_exact(tiny_bert_bundle, toy, tmp_path):
     ref = tmp_path / "ref"
     run_cli(*args, "--out", ref, check=True)
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "zoedge", *map(str, args), "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.safetensors").exists():
-        time.sleep(0.001)
-    killed = proc.poll() is None  # killed as soon as the first checkpoint is there (1,500 steps remain)
-    if killed:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    out = tmp_path / "killed"  # killed as soon as the first checkpoint is there (1,500 steps remain)
+    killed = kill_cli_when([*args, "--out", out], (out / "checkpoint.safetensors").exists, REPO)
     assert killed, "training finished before it could be killed; make the run longer"
     assert not (out / "patch.json").exists()
     p = run_cli(*args, "--out", out, "--resume", check=True)

@@ -4,18 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, run_cli
-from runtime_helpers import quiet, write_toy_split
+from runtime_helpers import kill_cli_when, quiet, write_toy_split
 from zoedge.constants import TENSOR_ABS_LIMIT
 from zoedge.errors import ZoedgeError
 from zoedge.runtime import objectives, trainer
@@ -168,14 +163,8 @@ def test_sigkill_before_the_first_checkpoint_then_the_same_command(tiny_bert_bun
     ref = tmp_path / "ref"
     run_cli(*args, "--out", ref, check=True)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "zoedge", *map(str, args), "--out", str(out)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not out.is_dir():
-        time.sleep(0.001)  # --out is created right before the first checkpoint is written
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "patch.json").exists()
+    # --out is created right before the first checkpoint is written
+    assert kill_cli_when([*args, "--out", out], out.is_dir, REPO) and not (out / "patch.json").exists()
     run_cli(*args, "--out", out, check=True)
     a, b = load_tensors(ref / ADAPTER_FILE), load_tensors(out / ADAPTER_FILE)
     assert all(np.array_equal(a[k], b[k]) for k in a)

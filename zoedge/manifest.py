@@ -221,13 +221,7 @@ class Manifest:
     @classmethod
     def load(cls, bundle_dir: str | Path) -> "Manifest":
         path = Path(bundle_dir) / MANIFEST_FILE
-        if not path.is_file():
-            raise ZoedgeError(f"{bundle_dir}: not a zoedge bundle (no {MANIFEST_FILE})")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ZoedgeError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, f"{bundle_dir}: not a zoedge bundle (no {MANIFEST_FILE})"))
 
     def save(self, bundle_dir: str | Path) -> None:
         Path(bundle_dir, MANIFEST_FILE).write_text(self.to_json(), encoding="utf-8")
@@ -238,6 +232,16 @@ def _build(kind: type, d: Any) -> Any:
         raise TypeError(f"{kind.__name__} entry is not an object")
     known = {f.name for f in dataclasses.fields(kind)}
     return kind(**{k: v for k, v in d.items() if k in known})
+
+
+def read_json(path: Path, missing: str, where: str | None = None) -> Any:
+    """The JSON document in path; one-line ZoedgeErrors: `missing` when there is no such file, or invalid JSON."""
+    if not path.is_file():
+        raise ZoedgeError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZoedgeError(f"{where or path}: not valid JSON ({str(e)[:80]})") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import zoedge
 from zoedge.errors import ZoedgeError
 from zoedge.fsio import write_json_atomic
-from zoedge.manifest import Manifest
+from zoedge.manifest import Manifest, read_json
 
 PATCH_FORMAT = "zoedge-patch/1"
 
@@ -198,12 +198,7 @@ class PatchDoc:
     def load(cls, patch_dir: str | Path, where: str | None = None) -> "PatchDoc":
         """patch.json of patch_dir, validated; no file hashes checked (zoedge.transfer.read_patch_doc does)."""
         p = Path(patch_dir) / PATCH_FILE
-        if not p.is_file():
-            raise ZoedgeError(f"{patch_dir}: not a zoedge patch (no {PATCH_FILE})")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ZoedgeError(f"{where or p}: not valid JSON ({str(e)[:80]})") from None
+        data = read_json(p, f"{patch_dir}: not a zoedge patch (no {PATCH_FILE})", where)
         return cls.from_dict(data, where or str(p))
 
     # ---- does it belong to this bundle? ---------------------------------------------------------------

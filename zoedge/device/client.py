@@ -185,44 +185,41 @@ class FleetClient:
     def pull_bundle(self, bundle_id: str, out: str | Path) -> dict[str, Any]:
         """Download a published bundle into out (absent or empty), checked against the archive's sha256 and every
         file against the manifest; the directory appears complete or not at all."""
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ZoedgeError(f"--out {out}: exists and is not an empty directory")
-        meta = self.get_bundle(bundle_id)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-            archive = Path(tmp) / "bundle.tar"
-            self.download(f"/v1/bundles/{meta['bundle_id']}/archive", archive)
-            if sha256_file(archive) != meta["sha256"]:
-                raise FleetError(f"downloaded bundle {meta['bundle_id']} does not match its sha256 (corrupted in transit)")
-            unpack(archive, Path(tmp) / "bundle")
-            archive.unlink()
-            work = Path(tmp) / "bundle"
+        def check(archive: Path, work: Path) -> None:
+            unpack(archive, work)
             verify_files(work, Manifest.load(work))
-            os.chmod(work, dir_mode())
-            if out.exists():
-                out.rmdir()
-            os.rename(work, out)
-        return meta
+
+        return self._fetch_dir(out, lambda: self.get_bundle(bundle_id), "bundle", "sha256", check)
 
     def pull(self, patch_id: str, out: str | Path) -> dict[str, Any]:
         """Download a patch into out (absent or empty), checked against its sha256s; the complete
         directory appears at once (renamed from a temporary sibling)."""
+        def check(archive: Path, work: Path) -> None:
+            unpack(archive, work, allowed=PATCH_FILES)
+            inspect_patch_dir(work)
+
+        return self._fetch_dir(out, lambda: self.get_patch(patch_id), "patch", "archive_sha256", check)
+
+    def _fetch_dir(self, out: str | Path, get_meta, kind: str, sha_key: str, check) -> dict[str, Any]:
+        """The archive of a bundle or patch, downloaded to a temporary sibling of out, its sha256 and contents
+        checked (`check(archive, dir)` unpacks and verifies), then renamed into place."""
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ZoedgeError(f"--out {out}: exists and is not an empty directory")
-        meta = self.get_patch(patch_id)
+        meta = get_meta()
+        the_id = meta[f"{kind}_id"]
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-            archive = Path(tmp) / "patch.tar"
-            self.download(f"/v1/patches/{meta['patch_id']}/archive", archive)
-            if sha256_file(archive) != meta["archive_sha256"]:
-                raise FleetError(f"downloaded patch {meta['patch_id']} does not match its sha256 (corrupted in transit)")
-            unpack(archive, Path(tmp) / "patch", allowed=PATCH_FILES)
-            inspect_patch_dir(Path(tmp) / "patch")
+            archive, work = Path(tmp) / f"{kind}.tar", Path(tmp) / kind
+            self.download(f"/v1/{'patches' if kind == 'patch' else 'bundles'}/{the_id}/archive", archive)
+            if sha256_file(archive) != meta[sha_key]:
+                raise FleetError(f"downloaded {kind} {the_id} does not match its sha256 (corrupted in transit)")
+            check(archive, work)
+            archive.unlink()
+            os.chmod(work, dir_mode())
             if out.exists():
                 out.rmdir()
-            os.rename(Path(tmp) / "patch", out)
+            os.rename(work, out)
         return meta
 
     def download(self, path: str, dest: Path) -> None:
