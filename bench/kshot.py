@@ -108,7 +108,7 @@ class Runner:
     def bundle(self, model: str, task: str, quant: str) -> dict:
         if self.a.bundle:  # a given bundle (tests): no export, no cache
             path = self.a.bundle_fp32 if quant == "fp32" and self.a.bundle_fp32 else self.a.bundle
-            return {"path": str(path), "key": "given", "export_args": None}
+            return {"path": str(path), "key": "given", "export_args": None, **setup.bundle_identity(path)}
         key = (model, task, quant)
         if key not in self.bundles:
             self.bundles[key] = setup.ensure_bundle(self.cache, setup.model_spec(model), self.task(task), quant,

@@ -161,7 +161,8 @@ def backprop(spec: dict) -> dict:
         idx = batch_indices(0, step, len(train.texts), bp["batch"])
         ids, mask = train.batch(bundle.encoder, idx)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(torch.from_numpy(ids), torch.from_numpy(mask))[0], torch.from_numpy(train.labels[idx]))
+        logits = module(torch.from_numpy(ids), torch.from_numpy(mask))[0]
+        loss = F.cross_entropy(logits, torch.from_numpy(train.labels[idx]))
         loss.backward()
         opt.step()
         sched.step()

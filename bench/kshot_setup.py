@@ -97,7 +97,16 @@ def ensure_bundle(cache: Path, spec: ModelSpec, task: datasets.Task, quant: str,
         if p.returncode:
             tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
             raise ZoedgeError(f"export of {spec.name} for {task.name} ({quant}) failed: {tail[:300]}")
-    return {"path": str(out), "key": key, "export_args": args}
+    return {"path": str(out), "key": key, "export_args": args, **bundle_identity(out)}
+
+
+def bundle_identity(bundle_dir: str | Path) -> dict:
+    """What tells two bundles apart whatever their cache key: bundle id, quantization, the model file's sha256."""
+    m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    q = m.get("quantization_details") or {}
+    return {"bundle_id": m.get("bundle_id"), "quantization": m.get("quantization"),
+            "quant_method": q.get("scheme") or q.get("method") if isinstance(q, dict) else None,
+            "model_sha256": (m.get("files") or {}).get(m.get("model_file"), "")[:16]}
 
 
 def split_files(work: Path, task: datasets.Task, k: int, seed: int) -> dict[str, str]:

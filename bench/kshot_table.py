@@ -48,7 +48,8 @@ def summarise(cells: list[dict]) -> list[dict]:
                               "val_accuracy": d["val_accuracy"], "seconds": d["seconds"],
                               "peak_rss_mb": d["peak_rss_mb"]} for d in ds]}
             if name == "backprop":
-                row["contenders"][name]["chosen"] = {"lr": ds[0]["settings"]["lr"], "batch": ds[0]["settings"]["batch"]}
+                chosen = ds[0]["settings"]
+                row["contenders"][name]["chosen"] = {"lr": chosen["lr"], "batch": chosen["batch"]}
                 grid = next((d["grid"] for d in ds if "grid" in d), None)
                 if grid:
                     row["contenders"][name]["grid"] = grid
@@ -73,7 +74,8 @@ def gap(by: dict) -> dict:
     head = mean("backprop") - base
     out = {"baseline": base, "headroom": head, "gap_seeds": sorted(seeds)}
     if head < HEADROOM:
-        return {**out, "gap_closed": None, "gap_note": f"no headroom (backprop − max(zero-shot, LP) = {100 * head:+.1f} points)"}
+        note = f"no headroom (backprop − max(zero-shot, LP) = {100 * head:+.1f} points)"
+        return {**out, "gap_closed": None, "gap_note": note}
     return {**out, "gap_closed": (mean("zoedge") - base) / head, "gap_note": ""}
 
 
@@ -86,7 +88,8 @@ def _acc(c: dict | None) -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = ["Test accuracy, % (mean ± std over the seeds run, their number in brackets):", "",
-           "| model | task | k | zero-shot | LP | zoedge | backprop (lr, batch) | gap closed |", "|---|---|---|---|---|---|---|---|"]
+           "| model | task | k | zero-shot | LP | zoedge | backprop (lr, batch) | gap closed |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["contenders"]
         bp = _acc(c.get("backprop"))
@@ -116,8 +119,8 @@ def markdown(rows: list[dict]) -> str:
     if grids:
         out += ["", "Backprop grid on seed 13 (validation / test accuracy %, seconds):", ""]
         for r, grid in grids:
-            pts = ", ".join(f"lr {p['lr']:g} b{p['batch']}: {100 * p['val_accuracy']:.1f} / {100 * p['test_accuracy']:.1f}, "
-                            f"{p['seconds']:.0f} s" for p in grid["points"])
+            pts = ", ".join(f"lr {p['lr']:g} b{p['batch']}: {100 * p['val_accuracy']:.1f} / "
+                            f"{100 * p['test_accuracy']:.1f}, {p['seconds']:.0f} s" for p in grid["points"])
             out.append(f"- {r['model']} {r['task']} k={r['k']}: {pts}")
     return "\n".join(out) + "\n"
 
