@@ -18,7 +18,7 @@ from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.engine import create_session
 from zoedge.runtime.forward import BoundForward
 from zoedge.runtime.patch import load_patch_tensors
-from zoedge.runtime.trainer import Evaluator, load_dataset
+from zoedge.runtime.evaluator import Evaluator, load_dataset
 
 TEST = Path("/work/shared/data/sst2/test.tsv")
 
