@@ -197,6 +197,17 @@ def test_aggregate_refuses_unknown_or_repeated_patches(fleet, tmp_path):
         assert http.post("/v1/bundles/nope/aggregate", json={"patch_ids": [r["patch_id"]]}).status_code == 404
 
 
+def test_aggregate_takes_unique_id_prefixes(fleet, tmp_path):
+    _, a = fleet.device()
+    p = make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=72, seed=72)
+    with fleet.client(a) as c:
+        r = c.push(p, "adapter", Outbox(tmp_path / "o"))
+    with fleet.http(fleet.admin_token) as http:
+        g = http.post(f"/v1/bundles/{fleet.bundle_id[:8]}/aggregate", json={"patch_ids": [r["patch_id"][:8]]})
+    assert g.status_code == 201, g.text
+    assert g.json()["parent_ids"] == [r["patch_id"]] and g.json()["bundle_id"] == fleet.bundle_id
+
+
 def test_bundle_metadata_download_and_republish(fleet, tmp_path):
     _, token = fleet.device()
     with fleet.http(token) as http:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import HTTPException, status
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from zoedge.errors import ZoedgeError
@@ -22,6 +21,7 @@ from zoedge.runtime.patch import write_patch
 from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.zo import ZOConfig
 from zoedge.server import sanity
+from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.intake import latest_global_version
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.state import ServerState
@@ -53,17 +53,20 @@ def one_per_run(patches: list[Patch]) -> tuple[list[Patch], dict[str, str]]:
 
 
 def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch:
-    if len(set(patch_ids)) != len(patch_ids):
-        raise ZoedgeError("aggregate: a patch id is listed twice")
     with state.sessions() as db:
-        bundle = db.get(Bundle, bundle_id)
+        bundle = by_id_or_prefix(db, Bundle, bundle_id, "bundle")  # ids or unique prefixes, as git takes them
         if bundle is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bundle {bundle_id}")
-        rows = {p.id: p for p in db.scalars(select(Patch).where(Patch.id.in_(patch_ids)))}
-        missing = [i for i in patch_ids if i not in rows]
-        if missing:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no patch {missing[0]}")
-        patches = [rows[i] for i in patch_ids]
+        bundle_id = bundle.id
+        patches = []
+        for ident in patch_ids:
+            row = by_id_or_prefix(db, Patch, ident, "patch")
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, f"no patch {ident}")
+            patches.append(row)
+        patch_ids = [p.id for p in patches]
+        if len(set(patch_ids)) != len(patch_ids):
+            raise ZoedgeError("aggregate: a patch is listed twice")
         for p in patches:
             if p.bundle_id != bundle_id:
                 raise ZoedgeError(f"aggregate: patch {p.id} belongs to bundle {p.bundle_id}, not {bundle_id}")
