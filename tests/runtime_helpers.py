@@ -50,3 +50,14 @@ def kill_cli_when(args: list, ready, repo: Path, timeout: float = 120.0) -> bool
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return alive
+
+
+def checkpoint_step(patch_dir: Path) -> int:
+    """The step of the run's checkpoint in patch_dir (-1 while there is none)."""
+    from zoedge.errors import ZoedgeError
+    from zoedge.runtime.checkpoint import load_checkpoint
+
+    try:
+        return int(load_checkpoint(patch_dir)[2]["step"])
+    except (ZoedgeError, OSError, KeyError):
+        return -1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from runtime_helpers import write_sentiment
+from runtime_helpers import checkpoint_step, write_sentiment
 from server_conftest import ADMIN, LiveServer, make_settings
 from zoedge.device.agent_config import load_config
 from zoedge.device.client import FleetClient
@@ -93,7 +93,7 @@ def test_two_agents_improve_one_global_patch_through_a_kill(tiny_bert_bundle, tm
             d = tmp_path / name
             (d / "inbox").mkdir(parents=True)
             write_sentiment(d / "inbox" / "day1.tsv", 120, seed=10 + i)
-            steps = 600 if name == "a" else 40  # a's run is long enough to be killed in the middle
+            steps = 4000 if name == "a" else 40  # a's run is long enough to be killed in the middle (~10 s)
             (d / "agent.toml").write_text(f'''
 server = "{live.url}"
 token = "{tokens[name]}"
@@ -115,8 +115,8 @@ checkpoint_every = 5
         run_a = wait_for("a to checkpoint", lambda: next((p for p in (dirs["a"] / "state" / "runs").glob("*/patch")
                                                           if (p / "checkpoint.safetensors").is_file()), None),
                          procs.values(), logs=logs.values())
-        time.sleep(1.5)  # past the head start, into the ZO steps (a's run lasts ~5 s)
-        assert status(dirs["a"] / "state").get("state") == "training"
+        wait_for("a past step 0", lambda: checkpoint_step(run_a) > 0, procs.values(), logs=logs.values())
+        assert status(dirs["a"] / "state").get("state") == "training"  # into the ZO steps, not done
         killed_at = time.time()
         procs["a"].send_signal(signal.SIGKILL)
         procs["a"].wait(10)
