@@ -81,6 +81,7 @@ def training_intervals(evs: list[dict], kills: list[float] = ()) -> list[tuple[f
     return out
 
 
+@pytest.mark.slow  # ~30 s: runs in `make test-slow` (CI); keeps `make test` under 5 minutes
 def test_two_agents_improve_one_global_patch_through_a_kill(tiny_bert_bundle, tmp_path):
     live = LiveServer(make_settings(tmp_path / "srv", "sqlite", auto_aggregate=2)).start()
     procs: dict[str, subprocess.Popen] = {}

@@ -14,6 +14,7 @@ CONTENDERS = ["ort-infer-fp32", "ort-infer-int8", "zo-fp32", "zo-int8", "zo-int8
               "torch-backprop"]
 
 
+@pytest.mark.slow  # ~40 s: runs in `make test-slow` (CI); the k-shot bench has its smoke test in `make test`
 def test_bench_quick(tmp_path, sst2):
     """Every contender must run: a failure is a failure. Bundles are exported afresh into tmp_path, so an
     exporter change is tested by this run."""
