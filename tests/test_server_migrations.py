@@ -59,3 +59,12 @@ def test_the_migrations_build_what_the_models_describe(engine):
     with engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], diff
+
+
+def test_the_migration_modules_import_on_their_own():
+    import subprocess
+    import sys
+
+    for module in ("zoedge.server.migrations.env", "zoedge.server.migrations.versions.v0001_initial"):
+        p = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+        assert p.returncode == 0, (module, p.stderr[-1500:])
