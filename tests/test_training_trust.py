@@ -208,3 +208,21 @@ def test_exact_head_mode_replays_bit_exactly(tiny_bert_bundle, toy, tmp_path):
     assert all(np.array_equal(adapter[k], rebuilt[k]) for k in adapter)
     assert start and all(np.array_equal(start[k], adapter[k]) for k in start)
     assert r["steps_run"] == 30
+
+
+def test_a_finite_blowup_seen_three_times_at_one_step_is_a_hard_batch():
+    """The guard's hard-batch rule (docs/device.md): a finite blow-up is a divergence until it has been seen
+    HARD_BATCH_RETRIES times at the same step; NaN never is a hard batch."""
+    from zoedge.constants import HARD_BATCH_RETRIES
+    from zoedge.runtime.guard import NONFINITE_LOSS, loss_problem
+
+    s = RunState(bundle_id="b", config={}, tensors={}, trajectory=np.zeros((10, 2), np.float32))
+    s.step, s.loss_floor = 4, 0.5
+    assert loss_problem([9.0, 9.5], [1.0], s, "ce")  # 9 > 3 * 0.5 + 1
+    assert loss_problem([2.0, 2.4], [1.0], s, "ce") is None
+    assert loss_problem([9.0, 9.5], [1.0], s, "accuracy") is None  # bounded objectives: only NaN counts
+    s.fail_step, s.fail_count = 5, HARD_BATCH_RETRIES - 1
+    assert loss_problem([9.0, 9.5], [1.0], s, "ce")
+    s.fail_count = HARD_BATCH_RETRIES
+    assert loss_problem([9.0, 9.5], [1.0], s, "ce") is None
+    assert loss_problem([float("nan"), 1.0], [1.0], s, "ce") == NONFINITE_LOSS

@@ -32,7 +32,8 @@ def tensor_limits(origin: dict[str, np.ndarray]) -> dict[str, float]:
 def tensor_problem(tensors: dict[str, np.ndarray], limits: dict[str, float]) -> str | None:
     """Why these tensors cannot be trusted (NaN / Inf, or a value beyond its limit), or None."""
     for name, t in tensors.items():
-        peak = float(np.max(np.abs(t), initial=0.0))
+        # max and min pass over the tensor without a temporary (this runs after every update); NaN propagates
+        peak = max(float(t.max(initial=-np.inf)), -float(t.min(initial=np.inf)), 0.0)
         if not math.isfinite(peak):
             return f"tensor {name!r} holds NaN or Inf"
         if peak > limits[name]:

@@ -55,7 +55,9 @@ def plan_training_batch(fwd, manifest, budget_mb: float, requested: int, moved_b
     length = manifest.max_length
     ids = np.full((1, length), 100, dtype=np.int64)
     mask = np.ones((1, length), dtype=np.int64)
-    outs = ("logits",) if manifest.task == "classify" else ("nll_sum", "n_tokens")
+    from zoedge.manifest import OUTPUT_LOGITS, OUTPUT_NLL, OUTPUT_TOKENS
+
+    outs = (OUTPUT_LOGITS,) if manifest.task == "classify" else (OUTPUT_NLL, OUTPUT_TOKENS)
     fwd(ids, mask, outs)
     r1 = max(current_rss_mb(), peak_rss_mb())
     fwd(np.repeat(ids, 4, 0), np.repeat(mask, 4, 0), outs)
