@@ -19,21 +19,21 @@ from zoedge.constants import (
 )
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.state import RunState
+from zoedge.runtime.tensors import peak_abs
 
 NONFINITE_LOSS = "non-finite loss"
 
 
 def tensor_limits(origin: dict[str, np.ndarray]) -> dict[str, float]:
     """Per tensor: the largest |value| a healthy run may reach, from the tensors it started with."""
-    return {k: max(TENSOR_ABS_LIMIT, TENSOR_GROWTH_LIMIT * float(np.max(np.abs(v), initial=0.0)))
+    return {k: max(TENSOR_ABS_LIMIT, TENSOR_GROWTH_LIMIT * peak_abs(v))
             for k, v in origin.items()}
 
 
 def tensor_problem(tensors: dict[str, np.ndarray], limits: dict[str, float]) -> str | None:
     """Why these tensors cannot be trusted (NaN / Inf, or a value beyond its limit), or None."""
     for name, t in tensors.items():
-        # max and min pass over the tensor without a temporary (this runs after every update); NaN propagates
-        peak = max(float(t.max(initial=-np.inf)), -float(t.min(initial=np.inf)), 0.0)
+        peak = peak_abs(t)  # no temporary: this runs after every update
         if not math.isfinite(peak):
             return f"tensor {name!r} holds NaN or Inf"
         if peak > limits[name]:

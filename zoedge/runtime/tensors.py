@@ -40,3 +40,8 @@ def save_tensors(tensors: dict[str, np.ndarray], path: str | Path, metadata: dic
 def safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     """The safetensors file for `tensors` (PEFT's metadata {"format": "pt"}), to write atomically."""
     return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def peak_abs(a: np.ndarray) -> float:
+    """max |a| without a full-size temporary (NaN propagates; 0 for an empty array)."""
+    return max(float(a.max(initial=-np.inf)), -float(a.min(initial=np.inf)), 0.0)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from zoedge.errors import ZoedgeError
-from zoedge.runtime.tensors import load_tensors
+from zoedge.runtime.tensors import load_tensors, peak_abs
 from zoedge.server.models import Patch
 from zoedge.server.settings import Settings
 from zoedge.server.state import ServerState
@@ -57,7 +57,7 @@ def value_problem(tensors: dict[str, np.ndarray], max_abs: float) -> str | None:
     if max_abs <= 0:
         return None
     for name, a in tensors.items():
-        peak = float(np.max(np.abs(a))) if a.size else 0.0
+        peak = peak_abs(a)
         if peak > max_abs:
             return (f"tensor {name!r} has a value of {peak:.3g}, beyond the server's bound of ±{max_abs:g} "
                     "(ZOEDGE_MAX_TENSOR_ABS)")
