@@ -47,9 +47,9 @@ test-reliability: install
 	    tests/test_patch_contract.py tests/test_quant_batch_independence.py
 	ZOEDGE_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_reliability_server.py
 
-# Side-by-side benchmarks (results in bench/results, table in docs/benchmarks.md); about an hour.
+# Side-by-side benchmarks (bench/sidebyside; results in bench/results, table in docs/benchmarks.md); about an hour.
 bench: install
-	$(VENV)/bin/zoedge bench --data $(SST2)
+	$(PY) -m bench.sidebyside --data $(SST2)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

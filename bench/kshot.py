@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import kshot_setup as setup
+from bench import REPO, SST2, kshot_setup as setup, thread_env
 from zoedge import datasets
 from zoedge.errors import ZoedgeError
 
@@ -92,7 +92,8 @@ def _rows(path: str) -> int:
 class Runner:
     def __init__(self, a: argparse.Namespace):
         self.a = a
-        self.results, self.work, self.cache = Path(a.results), Path(a.work), Path(a.cache)
+        # absolute: every cell runs in the repository root
+        self.results, self.work, self.cache = (Path(p).resolve() for p in (a.results, a.work, a.cache))
         self.git = setup.git_state()
         self.tasks: dict[str, datasets.Task] = {}
         self.bundles: dict[tuple, dict] = {}
@@ -107,7 +108,7 @@ class Runner:
 
     def bundle(self, model: str, task: str, quant: str) -> dict:
         if self.a.bundle:  # a given bundle (tests): no export, no cache
-            path = self.a.bundle_fp32 if quant == "fp32" and self.a.bundle_fp32 else self.a.bundle
+            path = (self.a.bundle_fp32 if quant == "fp32" and self.a.bundle_fp32 else self.a.bundle).resolve()
             return {"path": str(path), "key": "given", "export_args": None, **setup.bundle_identity(path)}
         key = (model, task, quant)
         if key not in self.bundles:
@@ -195,8 +196,8 @@ class Runner:
         self.log(f"kshot: {model}/{out.stem} ...")
         t0 = time.perf_counter()
         try:
-            p = subprocess.run([sys.executable, "-m", "bench.kshot", "cell", "--spec", str(spec_file)], cwd=setup.REPO,
-                               env=setup.thread_env(self.a.threads), capture_output=True, text=True,
+            p = subprocess.run([sys.executable, "-m", "bench.kshot", "cell", "--spec", str(spec_file)], cwd=REPO,
+                               env=thread_env(self.a.threads), capture_output=True, text=True,
                                timeout=self.a.timeout)
             (work / "stderr.txt").write_text(p.stderr)
         except subprocess.TimeoutExpired:
@@ -238,7 +239,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--zoedge-steps", type=int, default=0, help="override the recipe's steps (smoke tests only)")
     r.add_argument("--threads", type=int, default=1, help="threads for every engine (1 on a shared machine)")
     r.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per cell")
-    r.add_argument("--sst2", type=Path, default=setup.SST2)
+    r.add_argument("--sst2", type=Path, default=SST2)
     r.add_argument("--results", type=Path, default=setup.RESULTS)
     r.add_argument("--work", type=Path, default=setup.WORK)
     r.add_argument("--cache", type=Path, default=setup.WORK / "bundles")
@@ -248,7 +249,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--spec", type=Path, required=True)
     t = sub.add_parser("assemble", help="table.json, the markdown table and plots from the cell JSONs")
     t.add_argument("--results", type=Path, default=setup.RESULTS)
-    t.add_argument("--docs", type=Path, default=setup.REPO / "docs", help="where learning.md and the plots are")
+    t.add_argument("--docs", type=Path, default=REPO / "docs", help="where learning.md and the plots are")
     t.add_argument("--no-docs", action="store_true", help="write table.json and table.md only")
     return ap
 

@@ -139,15 +139,13 @@ def backprop(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from zoedge.bench.contenders import _torch_setup  # the peft module `zoedge export` exports, bundle tensors
+    from bench.sidebyside.contenders import torch_setup  # the peft module `zoedge export` exports, bundle tensors
     from zoedge.runtime.evaluator import load_dataset
     from zoedge.runtime.trainer import batch_indices
 
     bp = spec["backprop"]
-    s = {"threads": spec["threads"], "bundles": {"fp32": spec["bundle_fp32"]}, "model": spec["model"],
-         "trainable": "lora,head", "train": spec["splits"]["train"], "test": spec["splits"]["test"],
-         "test_limit": 0, "start_head": None}
-    module, params, bundle, train, test = _torch_setup(s)
+    module, params, bundle, train, test = torch_setup(spec["model"], spec["bundle_fp32"], spec["splits"]["train"],
+                                                      spec["splits"]["test"], threads=spec["threads"])
     val = load_dataset(spec["splits"]["val"], bundle.manifest)
     for p in params.values():
         p.requires_grad_(True)

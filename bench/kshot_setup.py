@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bench
+from bench import REPO
 from zoedge import __version__, datasets
 from zoedge.errors import ZoedgeError
 
-REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("ZOEDGE_SST2", REPO.parent / "shared" / "data" / "sst2"))
-RESULTS = REPO / "bench" / "results" / "kshot"
-WORK = REPO / "out" / "kshot"  # /out/ is git-ignored: bundle cache, split files, patches
+RESULTS = bench.RESULTS / "kshot"
+WORK = bench.WORK / "kshot"  # bundle cache, split files, patches
 MAX_LENGTH = 128  # MeZO's; batches are padded to their longest row, so short SST-2 phrases cost no more
 
 # Decoders classify through label words after a prompt. SST-2 and Drugs.com use the model's default review
@@ -128,12 +127,3 @@ def git_state() -> dict:
         return p.stdout.strip() if p.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def thread_env(threads: int) -> dict:
-    """One thread count for every engine: onnxruntime (ZOEDGE_THREADS), torch / OpenMP / MKL, tokenizers."""
-    env = dict(os.environ)
-    if threads:
-        env.update(ZOEDGE_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   TOKENIZERS_PARALLELISM="false")
-    return env

@@ -1,4 +1,5 @@
-"""`zoedge bench --quick`: the CI smoke test of the benchmark (tiny-bert, a few steps, every contender)."""
+"""`zoedge bench --quick` (bench.sidebyside): the CI smoke test of the benchmark (tiny-bert, a few steps, every
+contender, fresh exports). The one-step smoke tests of every bench script are in test_bench_scripts.py."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ CONTENDERS = ["ort-infer-fp32", "ort-infer-int8", "zo-fp32", "zo-int8", "zo-int8
               "torch-backprop"]
 
 
-@pytest.mark.slow  # ~40 s: runs in `make test-slow` (CI); the k-shot bench has its smoke test in `make test`
+@pytest.mark.slow  # ~40 s: `make test-slow` (CI); every bench script's fast smoke test is in `make test`
 def test_bench_quick(tmp_path, sst2):
     """Every contender must run: a failure is a failure. Bundles are exported afresh into tmp_path, so an
     exporter change is tested by this run."""

@@ -1,56 +1,48 @@
-"""`zoedge bench`: zoedge ZO against inference, PyTorch MeZO, PyTorch backprop and onnxruntime-training."""
+"""`zoedge bench`: zoedge ZO against inference, PyTorch MeZO, PyTorch backprop and onnxruntime-training.
+
+The benchmarks are the checkout's bench/ package (bench.sidebyside), not part of the installed zoedge: this
+command runs them when `bench` is importable (`python -m zoedge bench` or `python -m bench.sidebyside` from the
+repository root) and says so in one line when it is not.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from zoedge.cli.errors import csv_list, fail, one_line_errors
 
 app = typer.Typer()
 
+NO_CHECKOUT = ("zoedge bench needs a source checkout: the benchmarks are its bench/ package, not installed and not "
+               "importable here (the `zoedge` script never sees it); run `python -m bench.sidebyside ...` or "
+               "`python -m zoedge bench ...` from the repository root")
+
 
 @app.command()
+@one_line_errors
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Smoke test: tiny-bert, a few steps (< 3 minutes)"),
     models: Optional[str] = typer.Option(None, help="Comma-separated models (default: minilm,smollm2-135m; "
                                                     "--quick: tiny-bert)"),
     only: Optional[str] = typer.Option(None, help="Comma-separated contenders to run (default: all)"),
-    data: Path = typer.Option(Path("../shared/data/sst2"), help="SST-2 directory (train.tsv, test.tsv)"),
-    work: Path = typer.Option(Path("out/bench"), help="Bundles and scratch (cached between runs)"),
-    results: Optional[Path] = typer.Option(None, help="Result JSON directory (default: bench/results; "
-                                                      "--quick: WORK/quick-results)"),
+    data: Optional[Path] = typer.Option(None, help="SST-2 directory with train.tsv, test.tsv (default: "
+                                                   "../shared/data/sst2 beside the checkout, or $ZOEDGE_SST2)"),
+    work: Optional[Path] = typer.Option(None, help="Bundles and scratch, cached between runs (default: out/bench)"),
+    results: Optional[Path] = typer.Option(None, help="Result JSON directory (default: bench/results in the "
+                                                      "checkout; --quick: WORK/quick-results)"),
     threads: int = typer.Option(1, help="Threads for every engine (onnxruntime, torch, tokenizers); 0 = each "
                                        "engine's default. 1 keeps a shared machine's load from distorting"),
-    docs: Optional[Path] = typer.Option(None, help="Where benchmarks.md and the PNGs go (default: docs; "
-                                                   "--quick: the results directory)"),
+    docs: Optional[Path] = typer.Option(None, help="Where benchmarks.md and the PNGs go (default: docs in the "
+                                                   "checkout; --quick: the results directory)"),
 ) -> None:
     """Benchmark peak memory, step time and learning curves of every contender, each in its own process."""
-    from zoedge.bench.report import markdown, plots, write_json
-    from zoedge.bench.run import ORDER, run_model
-    from zoedge.cli.errors import fail
-
-    for f in ("train.tsv", "test.tsv"):
-        if not (data / f).is_file():
-            fail(f"--data {data}: no {f}")
-    names = [m.strip() for m in (models or ("tiny-bert" if quick else "minilm,smollm2-135m")).split(",") if m.strip()]
-    chosen = [c.strip() for c in only.split(",")] if only else None
-    if chosen and set(chosen) - set(ORDER):
-        fail(f"bad --only: choose from {', '.join(ORDER)}")
-    results = results or (work / "quick-results" if quick else Path("bench/results"))
-    docs = docs or (results if quick else Path("docs"))
-    prefix = "quick-" if quick else ""
-    for model in names:
-        res = run_model(model, quick, work / (f"quick-{model}" if quick else model), data, chosen, threads)
-        res["plots"] = plots(res, docs)
-        write_json(res, results / f"{prefix}{model}.json")
-        typer.echo(f"bench: wrote {results / f'{prefix}{model}.json'}")
-    # The table covers every model's latest results in the directory, not only this run's.
-    found = sorted(p for p in results.glob(f"{prefix}*.json") if quick or not p.name.startswith("quick-"))
-    docs_list = [d for d in (json.loads(p.read_text()) for p in found) if "rows" in d and "settings" in d]
-    docs_list.sort(key=lambda d: (d["settings"]["model"] != "minilm", d["settings"]["model"]))
-    md = docs / ("benchmarks-quick.md" if quick else "benchmarks.md")
-    md.write_text(markdown(docs_list))
-    typer.echo(f"bench: wrote {md}")
+    try:
+        from bench.sidebyside import run
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench", "bench.sidebyside"):
+            raise
+        fail(NO_CHECKOUT)
+    run.main(quick, csv_list(models), csv_list(only), data, work, results, threads, docs, log=typer.echo)

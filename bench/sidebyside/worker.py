@@ -1,6 +1,6 @@
 """One contender in one process, so its peak RSS (getrusage ru_maxrss) is its own.
 
-  python -m zoedge.bench.worker CONTENDER --settings SETTINGS.json --json OUT.json
+  python -m bench.sidebyside.worker CONTENDER --settings SETTINGS.json --json OUT.json
 
 Writes {contender, ok, reason, peak_rss_mb, torch_imported, loadavg_start/end, seconds, ...results}.
 Imports nothing heavy itself; the zoedge contenders import no torch (recorded as torch_imported).
@@ -49,7 +49,7 @@ def main() -> None:
     row = {"contender": a.contender, "model": s["model"], "loadavg_start": list(os.getloadavg())}
     t = time.perf_counter()
     try:
-        from zoedge.bench.contenders import CONTENDERS
+        from bench.sidebyside.contenders import CONTENDERS
 
         row.update(CONTENDERS[a.contender](s))
         row["ok"] = True

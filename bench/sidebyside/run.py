@@ -1,15 +1,18 @@
-"""Plan and run `zoedge bench`: export the bundles once (cached), then each contender in its own worker process."""
+"""Plan and run `zoedge bench` (`python -m bench.sidebyside`): export the bundles once (cached), then each
+contender in its own worker process; `main` writes the per-model JSON, the plots and the markdown table."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import bench
+from bench import thread_env
+from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.trainer import default_recipe
 
@@ -56,24 +59,14 @@ def export_bundles(s: dict, log) -> None:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def thread_env(threads: int) -> dict:
-    """The same thread count for every engine: onnxruntime (ZOEDGE_THREADS), torch/OpenMP, tokenizers."""
-    env = dict(os.environ)
-    if threads:
-        env.update(ZOEDGE_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        if threads == 1:
-            env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
 def run_worker(name: str, settings_file: Path, out: Path, timeout: float, log) -> dict:
     log(f"bench: {name} ...")
     threads = json.loads(settings_file.read_text())["threads"]
     t = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "zoedge.bench.worker", name, "--settings", str(settings_file),
+        p = subprocess.run([sys.executable, "-m", "bench.sidebyside.worker", name, "--settings", str(settings_file),
                             "--json", str(out)], capture_output=True, text=True, timeout=timeout,
-                           env=thread_env(threads))
+                           env=thread_env(threads), cwd=bench.REPO)  # settings paths are absolute
         if not out.is_file():
             tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
             return {"contender": name, "ok": False, "reason": f"worker exited {p.returncode}: {tail[:300]}"}
@@ -90,6 +83,7 @@ def run_worker(name: str, settings_file: Path, out: Path, timeout: float, log) -
 
 def run_model(model: str, quick: bool, work: Path, data: Path, only: list[str] | None, threads: int = 1,
               log=print) -> dict:
+    work, data = work.resolve(), data.resolve()  # the workers run in the repository root
     s = settings(model, quick, work, data, threads)
     names = [n for n in ORDER if not only or n in only]
     t0 = time.time()
@@ -117,3 +111,40 @@ def run_model(model: str, quick: bool, work: Path, data: Path, only: list[str] |
         rows[n] = run_worker(n, sf, rows_dir / f"{n}.json", 2400, log)
     return {"settings": s, "rows": rows, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
             "seconds": round(time.time() - t0, 1)}
+
+
+def main(quick: bool = False, models: list[str] | None = None, only: list[str] | None = None,
+         data: Path | None = None, work: Path | None = None, results: Path | None = None, threads: int = 1,
+         docs: Path | None = None, log=print) -> list[Path]:
+    """Every model's run: RESULTS/[quick-]MODEL.json and its plots, then DOCS/benchmarks[-quick].md over every
+    model's latest results in RESULTS. Defaults are in the checkout: ../shared/data/sst2 (or $ZOEDGE_SST2),
+    out/bench, bench/results and docs; with `quick`, tiny-bert and WORK/quick-results for both outputs.
+    Returns the files written."""
+    from bench.sidebyside.report import markdown, plots, write_json
+
+    data = data or bench.SST2
+    for f in ("train.tsv", "test.tsv"):
+        if not (data / f).is_file():
+            raise ZoedgeError(f"--data {data}: no {f}")
+    models = models or (["tiny-bert"] if quick else ["minilm", "smollm2-135m"])
+    if only and set(only) - set(ORDER):
+        raise ZoedgeError(f"bad --only: choose from {', '.join(ORDER)}")
+    work = work or bench.WORK / "bench"
+    results = results or (work / "quick-results" if quick else bench.RESULTS)
+    docs = docs or (results if quick else bench.REPO / "docs")
+    prefix = "quick-" if quick else ""
+    written = []
+    for model in models:
+        res = run_model(model, quick, work / f"{prefix}{model}", data, only, threads, log)
+        res["plots"] = plots(res, docs)
+        written.append(results / f"{prefix}{model}.json")
+        write_json(res, written[-1])
+        log(f"bench: wrote {written[-1]}")
+    # The table covers every model's latest results in the directory, not only this run's.
+    found = sorted(p for p in results.glob(f"{prefix}*.json") if quick or not p.name.startswith("quick-"))
+    docs_list = [d for d in (json.loads(p.read_text()) for p in found) if "rows" in d and "settings" in d]
+    docs_list.sort(key=lambda d: (d["settings"]["model"] != "minilm", d["settings"]["model"]))
+    written.append(docs / ("benchmarks-quick.md" if quick else "benchmarks.md"))
+    written[-1].write_text(markdown(docs_list))
+    log(f"bench: wrote {written[-1]}")
+    return written

@@ -1,11 +1,11 @@
-"""One function per contender; each runs in its own worker process (zoedge.bench.worker).
+"""One function per contender; each runs in its own worker process (bench.sidebyside.worker).
 
 Every contender sees the same bundle tokenizer, batch size, sequence length, minibatches
 (`trainer.batch_indices(seed, step)`) and test sentences. Step times are medians after `warmup` steps and
 exclude evaluation; learning curves report test accuracy against training seconds (evaluation excluded)
 and forward passes, from the same start. The zoedge contenders import no torch.
 
-`s` is the settings dict written by zoedge.bench.run (paths, model, batch, steps, ...).
+`s` is the settings dict written by bench.sidebyside.run (paths, model, batch, steps, ...).
 """
 
 from __future__ import annotations
@@ -25,13 +25,19 @@ def _median(xs: list[float], warmup: int) -> float | None:
 
 
 def _data(s: dict, bundle_dir: str):
+    return open_data(bundle_dir, s["train"], s["test"], s["test_limit"], s.get("prompt"))
+
+
+def open_data(bundle_dir: str, train: str, test: str, test_limit: int = 0, prompt: str | None = None):
+    """(bundle, train dataset, test dataset); `prompt` (the template a shared start chose, decoders) replaces the
+    bundle's, so every contender reads through it. test_limit 0 = every test row."""
     from zoedge.runtime.bundle import Bundle
     from zoedge.runtime.evaluator import load_dataset
 
     b = Bundle.open(bundle_dir)
-    if s.get("prompt"):  # the template the shared start chose (decoders); every contender reads through it
-        b.encoder.template = s["prompt"]
-    return b, load_dataset(s["train"], b.manifest), load_dataset(s["test"], b.manifest, s["test_limit"])
+    if prompt:
+        b.encoder.template = prompt
+    return b, load_dataset(train, b.manifest), load_dataset(test, b.manifest, test_limit)
 
 
 def _batches(s: dict, bundle, train, steps: int):
@@ -124,8 +130,17 @@ def _recipe(patch: Path) -> dict:
 
 
 def _torch_setup(s: dict):
-    """The peft task module (what `zoedge export` exports), with the bundle's initial LoRA tensors and the
-    shared start head; returns (module, {trainable name: parameter}, bundle, train, test)."""
+    return torch_setup(s["model"], s["bundles"]["fp32"], s["train"], s["test"], test_limit=s["test_limit"],
+                       prompt=s.get("prompt"), trainable=s["trainable"], start_head=s.get("start_head"),
+                       threads=s["threads"])
+
+
+def torch_setup(model: str, bundle_fp32: str, train: str, test: str, *, test_limit: int = 0,
+                prompt: str | None = None, trainable: str = "lora,head", start_head: str | None = None,
+                threads: int = 0):
+    """The peft task module of `model` (what `zoedge export` exports) with the fp32 bundle's initial LoRA
+    tensors, or the head in the `start_head` safetensors file when given; `threads` > 0 sets torch's thread
+    count. Returns (module, {trainable name: parameter}, bundle, train dataset, test dataset)."""
     import torch
 
     from zoedge.export.assemble import build_selection
@@ -133,24 +148,24 @@ def _torch_setup(s: dict):
     from zoedge.models.registry import load_source
     from zoedge.runtime.tensors import load_tensors
 
-    if s["threads"]:
-        torch.set_num_threads(s["threads"])
-    bundle, train, test = _data(s, s["bundles"]["fp32"])
+    if threads:
+        torch.set_num_threads(threads)
+    bundle, train_data, test_data = open_data(bundle_fp32, train, test, test_limit, prompt)
     m = bundle.manifest
-    src = load_source(s["model"])
+    src = load_source(model)
     torch.manual_seed(0)
-    sel = build_selection(src, m.task, len(m.labels), m.label_token_ids, parse_kinds(s["trainable"]),
+    sel = build_selection(src, m.task, len(m.labels), m.label_token_ids, parse_kinds(trainable),
                           m.lora.rank if m.lora else 8, m.lora.alpha if m.lora else 16.0,
                           m.lora.targets if m.lora else None)
     named = dict(sel.module.named_parameters())
     params = {k: named[v] for k, v in sel.param_names.items()}
     start = bundle.initial_trainables()
-    if s.get("start_head"):
-        start.update(load_tensors(s["start_head"]))
+    if start_head:
+        start.update(load_tensors(start_head))
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(torch.from_numpy(start[k]))
-    return sel.module, params, bundle, train, test
+    return sel.module, params, bundle, train_data, test_data
 
 
 def _torch_accuracy(module, bundle, test, batch: int) -> float:
@@ -275,7 +290,7 @@ def ort_training(s: dict) -> dict:
     the isolated venv, each in its own process (the training process's peak RSS is the row's)."""
     import torch
 
-    from zoedge.bench import ortvenv
+    from bench.sidebyside import ortvenv
 
     work = Path(s["work"]) / "ort-training"
     shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,99 @@
+"""One-step smoke runs of every bench script on tiny-bert and a toy SST-2 (issue 14: one bench tree, bench/).
+
+bench.kshot has its own in test_bench_kshot.py; the full `zoedge bench --quick` (every contender, fresh exports)
+and the onnxruntime-training contender are slow tests in test_bench_quick.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.runtime_helpers import write_sentiment
+
+
+@pytest.fixture
+def toy_sst2(tmp_path) -> Path:
+    d = tmp_path / "sst2"
+    d.mkdir()
+    write_sentiment(d / "train.tsv", 150, seed=0)
+    write_sentiment(d / "dev.tsv", 24, seed=2)
+    write_sentiment(d / "test.tsv", 30, seed=1)
+    return d
+
+
+def _python_m(module: str, *args, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_sidebyside_runs_two_contenders_and_writes_the_table(tmp_path, toy_sst2, tiny_bert_bundle):
+    """`python -m bench.sidebyside --quick` on cached bundles (the tiny-bert fixture stands for all three)."""
+    work = tmp_path / "work"
+    for key in ("fp32", "int8", "int8-copies8"):
+        (work / "quick-tiny-bert").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tiny_bert_bundle, work / "quick-tiny-bert" / f"bundle-{key}")
+    p = _python_m("bench.sidebyside", "--quick", "--data", toy_sst2, "--work", work, "--results", tmp_path / "res",
+                  "--only", "ort-infer-fp32,zo-int8")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "exporting" not in p.stdout
+    rows = json.loads((tmp_path / "res" / "quick-tiny-bert.json").read_text())["rows"]
+    assert list(rows) == ["ort-infer-fp32", "zo-int8"]
+    for name, r in rows.items():
+        assert r["ok"], (name, r.get("reason"))
+        assert r["peak_rss_mb"] > 0 and r["torch_imported"] is False, name
+    assert rows["zo-int8"]["curve"][-1]["step"] == 20
+    assert "zoedge ZO q=1, int8 bundle" in (tmp_path / "res" / "benchmarks-quick.md").read_text()
+
+
+def test_zoedge_bench_outside_a_checkout_is_one_clear_line(tmp_path):
+    p = _python_m("zoedge", "bench", "--quick", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0, p.stderr
+    assert "needs a source checkout" in p.stderr and "python -m bench.sidebyside" in p.stderr
+
+
+def test_quant_encoders_on_given_bundles(tmp_path, toy_sst2, tiny_bert_bundle):
+    """--reuse: the tiny-bert fixture stands for the fp32 and the int8-static bundle (exporting is tested elsewhere;
+    here it would take most of the time)."""
+    from bench import quant_encoders
+
+    for key in ("fp32", "int8-static-cal"):
+        shutil.copytree(tiny_bert_bundle, tmp_path / "w" / key)
+    out = tmp_path / "quant.json"
+    quant_encoders.main(["--model", "tiny-bert", "--data", str(toy_sst2), "--work", str(tmp_path / "w"), "--reuse",
+                         "--out", str(out), "--schemes", "int8-static-cal", "--probe-rows", "20", "--rounds", "1"])
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "tiny-bert" and doc["test"] == "SST-2 test.tsv (30)"
+    assert list(doc["schemes"]) == ["fp32", "int8-static (128 train sentences, output.dense in float)"]
+    for row in doc["schemes"].values():
+        assert row["agreement_with_fp32"] == 1.0 and 0 <= row["accuracy"]["16"] <= 1
+        assert len(row["agreement_5_heads"]) == 5 and row["forward_ms_batch16_2t"]["n"] == 2
+    assert (tmp_path / "w" / "calibration.tsv").read_text().count("\n") == 1 + 150 - 5 * 20
+
+
+def test_lp_sweep_on_a_given_bundle(tmp_path, toy_sst2, tiny_bert_bundle):
+    from bench import lp_sweep
+
+    out = tmp_path / "lp.json"
+    lp_sweep.main(["--bundle", str(tiny_bert_bundle), "--data", str(toy_sst2), "--examples", "40,80", "--l2", "0.1",
+                   "--dev-rows", "20", "--work", str(tmp_path / "w"), "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["n"], r["l2"]) for r in rows] == [(40, 0.1), (80, 0.1)]
+    assert all(0 <= r["test_acc"] <= 1 and r["dev_ce"] > 0 for r in rows)
+    assert len(list((tmp_path / "w" / "cache").glob("feat-*.npy"))) == 3
+
+
+def test_batch_dependence_on_a_given_bundle(tmp_path, toy_sst2, tiny_bert_bundle, capsys):
+    from bench import batch_dependence
+
+    batch_dependence.main([str(tiny_bert_bundle), "--data", str(toy_sst2), "--batches", "1,8",
+                           "--out", str(tmp_path / "bd.json")])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == json.loads((tmp_path / "bd.json").read_text())
+    assert set(doc["by_batch"]) == {"1", "8"} and "changed_vs_batch1" in doc["by_batch"]["8"]
