@@ -163,7 +163,7 @@ def test_nan_loss_mid_run_rolls_back_and_finishes(tiny_bert_bundle, tmp_path, mo
             return float("inf")
         return real(objective, logits, y)
 
-    monkeypatch.setattr(trainer.objectives, "classification_loss", flaky)
+    monkeypatch.setattr(objectives, "classification_loss", flaky)
     data = write_sentiment(tmp_path / "d.tsv", 60)
     messages: list[str] = []
     r = trainer.train(tiny_bert_bundle, data, tmp_path / "p", trainer.TrainConfig(steps=20, batch_size=4,
@@ -178,11 +178,11 @@ def test_nan_loss_mid_run_rolls_back_and_finishes(tiny_bert_bundle, tmp_path, mo
 def test_nan_trainables_mid_run_roll_back(tiny_bert_bundle, tmp_path, monkeypatch):
     """A bad update poisons the trainable tensors with NaN at step 9: the next step's losses are NaN, the guard
     restores the last snapshot (not the poisoned arrays), and the patch is finite."""
-    from zoedge.runtime import trainer
+    from zoedge.runtime import loop, trainer
     from zoedge.runtime.patch import ADAPTER_FILE
     from zoedge.runtime.tensors import load_tensors
 
-    real_update = trainer.update
+    real_update = loop.update
     seen = {"poisoned": False}
 
     def poisoning_update(tensors, opt, cfg, roles, dirs, run_seed, step, grads, lr):
@@ -192,7 +192,7 @@ def test_nan_trainables_mid_run_roll_back(tiny_bert_bundle, tmp_path, monkeypatc
             for v in tensors.values():
                 v[...] = np.nan
 
-    monkeypatch.setattr(trainer, "update", poisoning_update)
+    monkeypatch.setattr(loop, "update", poisoning_update)
     data = write_sentiment(tmp_path / "d.tsv", 60)
     messages: list[str] = []
     r = trainer.train(tiny_bert_bundle, data, tmp_path / "p", trainer.TrainConfig(steps=16, batch_size=4,

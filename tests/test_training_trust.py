@@ -13,7 +13,7 @@ from conftest import REPO, run_cli
 from runtime_helpers import kill_cli_when, quiet, write_toy_split
 from zoedge.constants import TENSOR_ABS_LIMIT
 from zoedge.errors import ZoedgeError
-from zoedge.runtime import objectives, trainer
+from zoedge.runtime import loop, objectives
 from zoedge.runtime.checkpoint import CHECKPOINT_FILE
 from zoedge.runtime.patch import ADAPTER_FILE, replay_patch
 from zoedge.runtime.state import GUARD_FIELDS, RunState
@@ -70,7 +70,7 @@ def test_a_rollback_after_a_best_keeps_the_patch_replayable(tiny_bert_bundle, to
         calls["n"] += 1  # step k's + forward is call 2k - 1 until the first rollback
         return float("nan") if calls["n"] == 2 * (b + 3) - 1 else real(objective, logits, y)
 
-    monkeypatch.setattr(trainer.objectives, "classification_loss", flaky)
+    monkeypatch.setattr(objectives, "classification_loss", flaky)
     messages: list[str] = []
     r = train(tiny_bert_bundle, toy[0], tmp_path / "p", cfg, eval_path=toy[1], log=messages.append)
     assert r["rollbacks"] == 1 and any(f"at step {b + 3}; rolled back to step {b}," in m for m in messages), messages
@@ -102,13 +102,13 @@ def test_a_huge_lr_never_ends_in_an_exploded_patch(tiny_bert_bundle, toy, tmp_pa
 def test_repeated_blowups_end_in_an_error_that_names_the_step_size(tiny_bert_bundle, toy, tmp_path, monkeypatch):
     """Every update explodes the tensors, however small the lr: after MAX_FAILED_ROLLBACKS rollbacks in a row the
     run stops with one line that blames the step size, and writes no patch."""
-    real_update = trainer.update
+    real_update = loop.update
 
     def exploding(tensors, *a, **k):
         real_update(tensors, *a, **k)
         next(iter(tensors.values()))[0] = 1e9
 
-    monkeypatch.setattr(trainer, "update", exploding)
+    monkeypatch.setattr(loop, "update", exploding)
     with pytest.raises(ZoedgeError, match="step size is too large"):
         train(tiny_bert_bundle, toy[0], tmp_path / "p", TrainConfig(steps=10, batch_size=4, head_init="none"), log=quiet)
     assert not (tmp_path / "p" / "patch.json").exists()

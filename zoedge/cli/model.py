@@ -158,8 +158,8 @@ def train(
 ) -> None:
     """Fine-tune a bundle's trainable tensors with zeroth-order steps (forward passes only) -> patch."""
     from zoedge.runtime.progress import TrainProgress, summary_line
-    from zoedge.runtime.trainer import TrainConfig
-    from zoedge.runtime.trainer import train as run_train
+    from zoedge.runtime.config import TrainConfig
+    from zoedge.runtime.loop import train as run_train
 
     settings = dict(locals())
     cfg = TrainConfig(**{k: settings[k] for k in TrainConfig.__dataclass_fields__})

@@ -213,7 +213,7 @@ class Agent:
 
     def train(self, run: Path, data: Path, global_id: str | None) -> Path | None:
         """Train (or resume, or find finished) the run; the patch to push, or None when it paused."""
-        from zoedge.runtime.trainer import train
+        from zoedge.runtime.loop import train
 
         overrides: dict[str, Any] = {}
         bundle = self.cfg.bundle

@@ -25,7 +25,7 @@ LOG_INTERVAL_S = 30.0  # plain lines: at most one per interval between evals
 
 
 class TrainProgress:
-    """on_step / log hooks of runtime.trainer.train; keeps every step record (for --plot)."""
+    """on_step / log hooks of runtime.loop.train; keeps every step record (for --plot)."""
 
     def __init__(self, file: IO[str] | None = None, terminal: bool | None = None, delay: float = BAR_DELAY_S,
                  interval: float = LOG_INTERVAL_S) -> None:

@@ -1,0 +1,79 @@
+"""The end of a training run: the patch (the best or the last tensors, the trajectory that rebuilds them, the head
+start and the run's metadata) and the summary `train` returns; or, on --resume of a run whose patch is already
+written, that summary read back from the patch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import Manifest
+from zoedge.runtime.config import TrainConfig, trajectory_key
+from zoedge.runtime.memory import peak_rss_mb
+from zoedge.runtime.patch import read_patch, write_patch
+from zoedge.runtime.setup import Run
+
+
+def write_result(run: Run, t0: float) -> dict:
+    """Write the patch of the finished run to run.out; returns the summary (t0: when train started)."""
+    m, cfg, state, eval_set = run.m, run.cfg, run.state, run.eval_set
+    use_best = cfg.keep == "best" and eval_set is not None
+    final_step = state.best_step if use_best else state.step
+    final = state.best if use_best else state.tensors
+    final_metrics = next((h for h in state.history if h["step"] == final_step), None) if use_best else None
+    if eval_set is not None and final_metrics is None:
+        final_metrics = {f"eval_{k}": v for k, v in run.evaluator(eval_set).items()}
+    seconds = time.perf_counter() - t0
+    metrics = {
+        "eval_accuracy_start": (state.start_metrics or {}).get("accuracy"),
+        "eval_accuracy_head_start": (state.lp_metrics or {}).get("accuracy"),
+        "eval_accuracy": (final_metrics or {}).get("eval_accuracy"),
+        "eval_loss": (final_metrics or {}).get("eval_loss"),
+        "history": state.history,
+    }
+    meta = {
+        "steps": int(final_step), "steps_run": int(state.step), "run_seed": cfg.seed, "zo": run.zo_cfg.to_dict(),
+        "examples": len(run.train_set.texts), "metrics": metrics, "seconds": seconds,
+        "hyperparameters": {**asdict(cfg), "batch_size": state.batch}, "rollbacks": state.rollbacks,
+        "forward_passes": run.fwd.calls, "optimizer_state_bytes": run.opt.nbytes(),
+    }
+    if m.kind == "decoder" and m.task == "classify":
+        meta["prompt_template"] = run.bundle.encoder.template  # the patch is read through this prompt
+        if state.prompt_search:
+            meta["prompt_search"] = state.prompt_search
+    start = state.start
+    if cfg.head_lr:  # replay rebuilds only what ZO moved: the head travels as it ended, beside the head start
+        start = {**start, **{t.name: final[t.name] for t in m.trainables if t.role == "head"}}
+    write_patch(run.out, m, final, state.trajectory[:final_step], start, meta)
+    return _summary(run.out, meta, metrics, seconds, run.fwd.calls)
+
+
+def finished(out: Path, m: Manifest, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
+    """--resume on a directory whose patch is already written: the same run is done, say so and return it."""
+    doc = read_patch(out)
+    hp = doc.get("hyperparameters") if isinstance(doc.get("hyperparameters"), dict) else {}
+    key = {k: v for k, v in trajectory_key(cfg).items() if k != "batch_size"}
+    same = all(k in hp and hp[k] == v for k, v in key.items())
+    if doc.get("bundle_id") != m.bundle_id or not same:
+        raise ZoedgeError(f"--resume: {out} holds a finished patch of another bundle or with other settings")
+    log(f"--resume: {out} already holds the finished patch of this run")
+    return _summary(out, doc, doc.get("metrics") or {}, float(doc.get("seconds") or 0.0),
+                    int(doc.get("forward_passes", 0)))
+
+
+def _summary(out: Path, meta: dict, metrics: dict, seconds: float, forward_passes: int) -> dict:
+    result = {
+        "steps": meta["steps"], "steps_run": meta["steps_run"], "seconds": round(seconds, 2),
+        "eval_accuracy_start": metrics.get("eval_accuracy_start"),
+        "eval_accuracy_head_start": metrics.get("eval_accuracy_head_start"),
+        "eval_accuracy": metrics.get("eval_accuracy"), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "forward_passes": forward_passes, "batch_size": meta["hyperparameters"]["batch_size"],
+        "rollbacks": meta["rollbacks"], "optimizer_state_bytes": meta["optimizer_state_bytes"], "patch": str(out),
+        "history": metrics.get("history", []),
+    }
+    if "prompt_template" in meta:
+        result["prompt_template"] = meta["prompt_template"]
+    return result
