@@ -14,8 +14,9 @@ perturbation round-off. z comes from numpy's PCG64 seeded by SeedSequence([run_s
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -48,10 +49,15 @@ class ZOConfig:
         return {k: v for k, v in tensors.items() if roles.get(k) in self.roles}
 
 
-def directions(run_seed: int, step: int, i: int, shapes: list[tuple[str, tuple[int, ...]]]) -> Iterator[tuple[str, np.ndarray]]:
+def directions(run_seed: int, step: int, i: int, shapes: list[tuple[str, tuple[int, ...]]],
+               out: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """z_i tensor by tensor; with out, each is written into out(shape) (a reused buffer: the same values)."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run_seed, step, i])))
     for name, shape in shapes:
-        yield name, rng.standard_normal(shape, dtype=np.float32)
+        if out is None:
+            yield name, rng.standard_normal(shape, dtype=np.float32)
+        else:
+            yield name, rng.standard_normal(dtype=np.float32, out=out(shape))
 
 
 class DirectionCache:
@@ -71,6 +77,14 @@ class DirectionCache:
             self._key = (run_seed, step, i)
         return iter(self._z)
 
+    def peek(self, run_seed: int, step: int, i: int,
+             out: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """z of (run_seed, step, i) leaving what is kept alone: the kept z when it is that one, else generated
+        lazily (into out's buffers when given; each is overwritten by the next)."""
+        if self.keep and self._key == (run_seed, step, i):
+            return iter(self._z)
+        return directions(run_seed, step, i, self.shapes, out)
+
 
 def perturb(tensors: dict[str, np.ndarray], z: Iterator[tuple[str, np.ndarray]], scale: float) -> None:
     """θ += scale * z, in place (scale is ε, -2ε or ε)."""
@@ -80,13 +94,50 @@ def perturb(tensors: dict[str, np.ndarray], z: Iterator[tuple[str, np.ndarray]],
         t += s * zi
 
 
+class Scratch:
+    """Flat work buffers that every step reuses, one per slot, sized to the largest tensor asked for. They hold
+    nothing between steps: not optimizer state, never checkpointed or snapshotted."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
+        self._views: dict[tuple, np.ndarray] = {}  # (slot, shape, dtype) -> a view of the slot's buffer
+
+    def __call__(self, slot: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        view = self._views.get((slot, shape, dtype))
+        if view is None:
+            view = self._views[(slot, shape, dtype)] = self._view(slot, tuple(shape), np.dtype(dtype))
+        return view
+
+    def _view(self, slot: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = math.prod(shape)
+        buf = self._bufs.get((slot, dtype))
+        if buf is None or buf.size < n:  # grows while the first step meets larger tensors, then never
+            buf = self._bufs[(slot, dtype)] = np.empty(n, dtype)
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}  # views of the old buffer
+        return buf[:n].reshape(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+
 @dataclass
 class OptimizerState:
     step: int = 0
     buffers: dict[str, np.ndarray] = field(default_factory=dict)  # momentum m_<name>, Adam m_/v_<name>
+    scratch: Scratch = field(default_factory=Scratch, repr=False, compare=False)  # not state: never saved
 
     def nbytes(self) -> int:
+        """The optimizer state's bytes (what a checkpoint holds); the scratch is not counted."""
         return sum(b.nbytes for b in self.buffers.values())
+
+    def scratch_nbytes(self) -> int:
+        return self.scratch.nbytes()
+
+    def buffer(self, key: str, like: np.ndarray) -> np.ndarray:
+        b = self.buffers.get(key)  # not setdefault: its default would be a new zero array every step
+        if b is None:
+            b = self.buffers[key] = np.zeros_like(like)
+        return b
 
 
 def clip_grads(grads: list[float], clip: float) -> list[float]:
@@ -97,51 +148,72 @@ def clip_grads(grads: list[float], clip: float) -> list[float]:
 
 def update(tensors: dict[str, np.ndarray], state: OptimizerState, cfg: ZOConfig, roles: dict[str, str],
            dirs: DirectionCache, run_seed: int, step: int, grads: list[float], lr: float) -> None:
-    """Apply one optimizer step in place from the projected gradients of this step."""
+    """Apply one optimizer step in place from the projected gradients of this step.
+
+    No tensor-sized array is allocated: every intermediate goes to the state's scratch (out= and in-place
+    ufuncs), and each tensor is updated as soon as its d = (1/q) Σ g_i z_i is summed (the q direction streams
+    are read side by side; each is its own generator, so its z are the same). The float32 operations and their
+    order are those of the plain expressions quoted in the comments, so the result is bit-identical to them
+    (tests/test_zo_update_exact.py holds the expression form as the reference)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
     q = len(grads)
     lr32, wd = np.float32(lr), np.float32(cfg.weight_decay)
-    # d = (1/q) Σ g_i z_i, accumulated per tensor; for q = 1 no buffer is needed with SGD.
-    if cfg.optimizer == "zo-sgd" and q == 1:
+    work = state.scratch
+    streams = [dirs.peek(run_seed, step, i, out=lambda shape, slot=f"z{i}": work(slot, shape)) for i in range(q)]
+    if cfg.optimizer == "zo-sgd" and q == 1:  # t -= lr * (g * z + wd * t), no direction-sum buffer
         g = np.float32(grads[0])
-        for name, z in dirs(run_seed, step, 0):
+        for name, z in streams[0]:
             t = tensors[name]
+            gz = np.multiply(z, g, out=work("d", t.shape, t.dtype))
             if wd and roles.get(name) not in NO_DECAY_ROLES:
-                t -= lr32 * (g * z + wd * t)
-            else:
-                t -= lr32 * (g * z)
+                gz += np.multiply(t, wd, out=work("s", t.shape, t.dtype))
+            gz *= lr32
+            t -= gz
         state.step = step
         return
-    d = {name: np.zeros_like(t) for name, t in tensors.items()}
+    if [n for n, _ in dirs.shapes] != list(tensors):
+        raise ValueError("the directions must cover these tensors, in their order")
     inv_q = np.float32(1.0 / q)
-    for i, g in enumerate(grads):
-        g32 = np.float32(g) * inv_q
-        for name, z in dirs(run_seed, step, i):
-            d[name] += g32 * z
+    g32 = [np.float32(g) * inv_q for g in grads]
     for name, t in tensors.items():
-        di = d[name]
+        di = work("d", t.shape, t.dtype)
+        s = work("s", t.shape, t.dtype)
+        for i, stream in enumerate(streams):  # d = 0 + g_1 z_1 + ... + g_q z_q, left to right
+            z = next(stream)[1]
+            if i == 0:
+                np.multiply(z, g32[0], out=di)
+                di += np.float32(0)  # the sum started from a zero buffer: 0 + (-0) is +0
+            else:
+                di += np.multiply(z, g32[i], out=s)
         if wd and roles.get(name) not in NO_DECAY_ROLES:
-            di += wd * t
+            di += np.multiply(t, wd, out=s)  # d += wd * t
         if cfg.optimizer == "zo-sgd":
-            t -= lr32 * di
+            di *= lr32  # t -= lr * d
+            t -= di
         elif cfg.optimizer == "zo-momentum":
-            m = state.buffers.setdefault(f"m_{name}", np.zeros_like(t))
-            m *= np.float32(cfg.momentum)
+            m = state.buffer(f"m_{name}", t)
+            m *= np.float32(cfg.momentum)  # m = momentum * m + d
             m += di
-            t -= lr32 * m
-        elif cfg.optimizer == "zo-adam":
+            t -= np.multiply(m, lr32, out=di)  # t -= lr * m
+        else:  # zo-adam
             b1, b2 = np.float32(cfg.momentum), np.float32(cfg.beta2)
-            m = state.buffers.setdefault(f"m_{name}", np.zeros_like(t))
-            v = state.buffers.setdefault(f"v_{name}", np.zeros_like(t))
-            m *= b1
-            m += (np.float32(1) - b1) * di
-            v *= b2
-            v += (np.float32(1) - b2) * di * di
+            m = state.buffer(f"m_{name}", t)
+            v = state.buffer(f"v_{name}", t)
+            m *= b1  # m = b1 * m + (1 - b1) * d
+            m += np.multiply(di, np.float32(1) - b1, out=s)
+            v *= b2  # v = b2 * v + ((1 - b2) * d) * d
+            np.multiply(di, np.float32(1) - b2, out=s)
+            s *= di
+            v += s
             k = step  # steps are numbered from 1
-            mhat = m / np.float32(1 - float(b1) ** k)
-            vhat = v / np.float32(1 - float(b2) ** k)
-            t -= lr32 * mhat / (np.sqrt(vhat) + np.float32(cfg.adam_eps))
-        else:
-            raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+            np.divide(m, np.float32(1 - float(b1) ** k), out=di)  # mhat = m / (1 - b1^k)
+            di *= lr32  # lr * mhat
+            np.divide(v, np.float32(1 - float(b2) ** k), out=s)  # vhat = v / (1 - b2^k)
+            np.sqrt(s, out=s)
+            s += np.float32(cfg.adam_eps)
+            di /= s  # t -= (lr * mhat) / (sqrt(vhat) + adam_eps)
+            t -= di
     state.step = step
 
 
