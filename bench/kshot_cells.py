@@ -6,8 +6,9 @@ split paths, model, contender settings.
 
 - zero-shot: the bundle as exported. For an encoder that is its random linear head (chance level); for a
   decoder it is the prompt and label words.
-- lp: the linear-probe head (zoedge.runtime.head_start.fit_probe_head, numpy) on the k-shot training split,
-  through the exported prompt (no prompt search).
+- lp: a plain linear probe (zoedge.runtime.head_start.fit_probe_head with centred=False, numpy: logistic
+  regression shrunk towards zero) on the k-shot training split, its L2 chosen by cross-entropy on the validation
+  split, through the exported prompt (no prompt search).
 - zoedge: `zoedge train BUNDLE --data train.tsv --eval val.tsv --out P` (the default recipe; keep-best selects
   on the k-shot validation split only), then `zoedge eval BUNDLE --patch P --data test.tsv`.
 - backprop: PyTorch LoRA (the bundle's r, alpha, targets) + head through peft, AdamW (weight decay 0), linear
@@ -56,14 +57,15 @@ def linear_probe(spec: dict) -> dict:
     bundle, tensors, fwd, ev = _open(spec["bundle"])
     train, val, test = _load(spec, bundle, "train", "val", "test")
     t0 = time.perf_counter()
-    fit_probe_head(bundle.manifest, bundle, ev, train, tensors, len(train.texts), 0, [], lambda _m: None)
+    fit_probe_head(bundle.manifest, bundle, ev, train, tensors, len(train.texts), 0, [], lambda _m: None,
+                   eval_set=val, centred=False)
     fit_s = time.perf_counter() - t0
     fit_calls = fwd.calls
     v, t = ev(val), ev(test)
     return {"val_accuracy": v["accuracy"], "val_loss": v["loss"], "test_accuracy": t["accuracy"],
             "test_f1": t["f1"], "forward_passes": fwd.calls, "train_forward_passes": fit_calls,
             "train_seconds": round(fit_s, 3),
-            "settings": {"head": "linear probe (numpy, L2 chosen by held-out fit)", "examples": len(train.texts),
+            "settings": {"head": "linear probe (numpy, plain, L2 chosen by validation cross-entropy)", "examples": len(train.texts),
                          "prompt": bundle.encoder.template or None}}
 
 
@@ -109,7 +111,7 @@ def _hyper(patch: Path) -> dict:
     doc = json.loads((patch / "patch.json").read_text())
     h = doc.get("hyperparameters") or doc.get("meta", {}).get("hyperparameters") or {}
     keep = ("steps", "batch_size", "lr", "eps", "optimizer", "objective", "head_init", "lp_examples", "perturbations",
-            "eval_every", "keep", "seed", "lr_schedule", "weight_decay", "prompt")
+            "eval_every", "keep", "select", "seed", "lr_schedule", "weight_decay", "prompt")
     return {k: h.get(k) for k in keep}
 
 

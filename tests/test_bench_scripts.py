@@ -51,8 +51,18 @@ def test_sidebyside_runs_two_contenders_and_writes_the_table(tmp_path, toy_sst2,
     assert "zoedge ZO q=1, int8 bundle" in (tmp_path / "res" / "benchmarks-quick.md").read_text()
 
 
-def test_zoedge_bench_outside_a_checkout_is_one_clear_line(tmp_path):
-    p = _python_m("zoedge", "bench", "--quick", cwd=tmp_path)
+def test_zoedge_bench_of_an_editable_install_finds_its_checkout(tmp_path):
+    """`make install` is an editable install: from any directory `zoedge bench` runs the checkout's bench package
+    (here it gets as far as checking --only, which only bench.sidebyside knows)."""
+    p = _python_m("zoedge", "bench", "--quick", "--only", "nonesuch", cwd=tmp_path)
+    assert p.returncode == 2 and "bad --only" in p.stderr, p.stderr
+
+
+def test_zoedge_bench_without_a_checkout_is_one_clear_line(tmp_path):
+    """A wheel install has no bench package beside zoedge and none importable: one line, exit 2."""
+    code = ("import zoedge.cli.bench as b; b._checkout_bench = lambda: None; "
+            "from zoedge.cli import app; app(['bench', '--quick'], prog_name='zoedge')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0, p.stderr
     assert "needs a source checkout" in p.stderr and "python -m bench.sidebyside" in p.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import numpy as np
 import pytest
 
@@ -51,13 +53,28 @@ def _flipped(dev_file, tmp_path):
     return flipped
 
 
-def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle, toy, tmp_path):
-    """A decoder's exported head is its prompt's zero-shot classifier. The eval data disagrees with the training
-    data (labels flipped): the probe scores below the exported head there, so training starts from (and the
-    patch keeps) the exported head."""
+def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle, toy, tmp_path, monkeypatch):
+    """A decoder's exported head is its prompt's zero-shot classifier. A head start that scores below it on the
+    eval data (here: the probe's fit replaced by a head that always says the first label, with confidence) is
+    undone, so training starts from
+    (and the patch keeps) the exported head."""
+    import zoedge.runtime.head_start as hs
+
+    real = hs.fit_probe_head
+
+    def negated(m, bundle, evaluator, data, tensors, *a, **k):
+        real(m, bundle, evaluator, data, tensors, *a, **k)
+        for t in m.trainables:
+            if t.role == "head":
+                tensors[t.name][...] = 0.0
+                if len(t.shape) == 1:
+                    tensors[t.name][0] = 20.0
+        return {t.name: tensors[t.name].copy() for t in m.trainables if t.role == "head"}, []
+
+    monkeypatch.setattr(hs, "fit_probe_head", negated)
     train_file, dev_file = toy
     r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
-              eval_path=_flipped(dev_file, tmp_path), log=quiet)
+              eval_path=dev_file, log=quiet)
     assert r["eval_accuracy_head_start"] is None
     assert not (tmp_path / "p" / "start.safetensors").exists()
     b = Bundle.open(tiny_llama_bundle)
@@ -65,6 +82,21 @@ def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle
     got = load_tensors(tmp_path / "p" / ADAPTER_FILE)
     for k in heads:
         np.testing.assert_allclose(got[k], b.initial_trainables()[k], atol=1e-6)
+
+
+def test_a_decoders_head_start_never_scores_below_its_exported_head(tiny_llama_bundle, toy, tmp_path):
+    """Eval data that disagrees with the training data (labels flipped): whatever the probe (centred on the
+    exported head, its L2 chosen on that eval data) does, the head training starts from is not worse there than
+    the exported head by the selection metric (eval cross-entropy)."""
+    train_file, dev_file = toy
+    lines: list[str] = []
+    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+              eval_path=_flipped(dev_file, tmp_path), log=lines.append)
+    loss = {k: float(re.search(r"loss ([0-9.]+)", next(x for x in lines if x.startswith(k))).group(1))
+            for k in ("start: eval", "linear-probe head: eval")}
+    kept = r["eval_accuracy_head_start"] is not None
+    assert (loss["linear-probe head: eval"] <= loss["start: eval"]) if kept else True, (loss, lines)
+    assert kept == (tmp_path / "p" / "start.safetensors").exists()
 
 
 def test_an_encoders_random_head_is_no_baseline_to_keep(tiny_bert_bundle, toy, tmp_path):
@@ -237,16 +269,40 @@ def test_roles_train_only_a_subset_and_replay(tiny_bert_bundle, toy, tmp_path):
 
 
 def test_linear_probe_l2_is_chosen_on_held_out_data():
-    """Few noisy examples in many dimensions: the held-out split must prefer real regularisation."""
+    """Few noisy examples in many dimensions: the held-out cross-entropy must prefer real regularisation, from a
+    held-out fifth or from given eval data; with under 50 examples and nothing held out, the default."""
+    from zoedge.constants import PROBE_DEFAULT_L2, PROBE_L2_GRID
     from zoedge.runtime.probe import choose_l2
 
     rng = np.random.default_rng(0)
-    n, h = 200, 300
+    n, h = 240, 300
     y = rng.integers(0, 2, n)
-    x = rng.standard_normal((n, h)) + 0.4 * y[:, None] * (np.arange(h) < 5)  # signal in 5 of 300 dims
-    l2, scores = choose_l2(x.astype(np.float32), y, 2)
-    assert set(scores) == {1e-3, 1e-2, 1e-1, 1.0}
-    assert l2 >= 1e-1 and scores[l2] >= scores[1e-3]
+    x = (rng.standard_normal((n, h)) + 0.4 * y[:, None] * (np.arange(h) < 5)).astype(np.float32)  # 5 of 300 dims
+    l2, scores = choose_l2(x[:200], y[:200], 2)
+    assert set(scores) == set(PROBE_L2_GRID)
+    assert l2 >= 1.0 and scores[l2]["loss"] < scores[1e-2]["loss"]
+    l2_eval, scores_eval = choose_l2(x[:40], y[:40], 2, held_out=(x[200:], y[200:]))
+    assert l2_eval >= 1.0 and scores_eval[l2_eval]["loss"] == min(v["loss"] for v in scores_eval.values())
+    assert choose_l2(x[:40], y[:40], 2) == (PROBE_DEFAULT_L2, {})
+
+
+def test_centred_probe_shrinks_to_its_prior():
+    """A decoder's probe is centred on the zero-shot head: at a large L2 it gives that head back, at a small one
+    it fits the data like a plain probe; a large L2 no longer makes the solver diverge."""
+    from zoedge.runtime.probe import fit_linear_probe
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 64)
+    x = (rng.standard_normal((64, 16)) + 1.5 * y[:, None] * (np.arange(16) < 2)).astype(np.float32)
+    w0 = rng.standard_normal((2, 16)).astype(np.float32)
+    b0 = np.array([0.3, -0.3], np.float32)
+    w, b = fit_linear_probe(x, y, 2, l2=1e6, prior=(w0, b0))
+    margin = (x @ w.T + b) @ [1, -1]  # the bias is not shrunk: compare what softmax reads, the logit margin
+    assert np.abs(margin - (x @ w0.T + b0) @ [1, -1]).max() < 0.02
+    w, b = fit_linear_probe(x, y, 2, l2=1e-3, prior=(w0, b0))
+    assert ((x @ w.T + b).argmax(1) == y).mean() > 0.9
+    w, b = fit_linear_probe(x, y, 2, l2=100.0)
+    assert np.isfinite(w).all() and np.abs(w).max() < 1
 
 
 def test_linear_probe_ignores_near_constant_features():

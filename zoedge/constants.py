@@ -16,3 +16,9 @@ TENSOR_GROWTH_LIMIT = 100.0
 
 # ---- training: memory ---------------------------------------------------------------------------------
 KEEP_Z_BYTES = 64 << 20  # keep a step's z in memory below this many bytes of moved trainables, else regenerate
+
+# Linear-probe head start: the L2 grid (on standardised features) searched by held-out cross-entropy, and the L2
+# used when there is nothing to hold out (under 50 examples and no eval set). A decoder's probe shrinks towards
+# its zero-shot label-word head, so the top of the grid gives that head back.
+PROBE_L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+PROBE_DEFAULT_L2 = 1e-1

@@ -32,6 +32,9 @@ QUICK = dict(batch=8, max_length=32, steps=5, warmup=1, learn_steps=20, eval_eve
              backprop_eval_every=5, train_rows=256, test_limit=64)
 
 
+HAND_WRITTEN = "<!-- hand-written below: kept when the tables above are regenerated -->"
+
+
 def settings(model: str, quick: bool, work: Path, data: Path, threads: int = 1) -> dict:
     s = dict(QUICK if quick else FULL.get(model, FULL["minilm"]))
     work.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,9 @@ def main(quick: bool = False, models: list[str] | None = None, only: list[str] |
     docs_list = [d for d in (json.loads(p.read_text()) for p in found) if "rows" in d and "settings" in d]
     docs_list.sort(key=lambda d: (d["settings"]["model"] != "minilm", d["settings"]["model"]))
     written.append(docs / ("benchmarks-quick.md" if quick else "benchmarks.md"))
-    written[-1].write_text(markdown(docs_list))
+    kept = ""  # hand-written sections after the marker (profiles) survive a regeneration
+    if written[-1].is_file() and HAND_WRITTEN in written[-1].read_text():
+        kept = written[-1].read_text().split(HAND_WRITTEN, 1)[1]
+    written[-1].write_text(markdown(docs_list).rstrip("\n") + "\n\n" + HAND_WRITTEN + kept if kept else markdown(docs_list))
     log(f"bench: wrote {written[-1]}")
     return written

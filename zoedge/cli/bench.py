@@ -1,8 +1,8 @@
 """`zoedge bench`: zoedge ZO against inference, PyTorch MeZO, PyTorch backprop and onnxruntime-training.
 
 The benchmarks are the checkout's bench/ package (bench.sidebyside), not part of the installed zoedge: this
-command runs them when `bench` is importable (`python -m zoedge bench` or `python -m bench.sidebyside` from the
-repository root) and says so in one line when it is not.
+command runs them when `bench` is importable or zoedge is an editable install of a checkout (`make install`), and
+says so in one line when it is neither (a wheel install: use `python -m bench.sidebyside` from a checkout).
 """
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ app = typer.Typer()
 NO_CHECKOUT = ("zoedge bench needs a source checkout: the benchmarks are its bench/ package, not installed and not "
                "importable here (the `zoedge` script never sees it); run `python -m bench.sidebyside ...` or "
                "`python -m zoedge bench ...` from the repository root")
+
+
+def _checkout_bench():
+    """An editable install (`pip install -e .`, what `make install` does) runs from its checkout: the bench package
+    beside the zoedge package is that checkout's. None when zoedge is installed from a wheel."""
+    import importlib
+    import sys
+
+    import zoedge
+
+    root = Path(zoedge.__file__).resolve().parent.parent
+    if not (root / "bench" / "sidebyside" / "__init__.py").is_file():
+        return None
+    sys.path.insert(0, str(root))
+    return importlib.import_module("bench.sidebyside.run")
 
 
 @app.command()
@@ -44,5 +59,5 @@ def bench(
     except ModuleNotFoundError as e:
         if e.name not in ("bench", "bench.sidebyside"):
             raise
-        fail(NO_CHECKOUT)
+        run = _checkout_bench() or fail(NO_CHECKOUT)
     run.main(quick, csv_list(models), csv_list(only), data, work, results, threads, docs, log=typer.echo)

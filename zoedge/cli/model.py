@@ -146,6 +146,7 @@ def train(
     eval_limit: int = _train_option('eval_limit'),
     patience: int = _train_option('patience'),
     keep: str = _train_option('keep'),
+    select: str = _train_option('select'),
     roles: Optional[str] = _train_option('roles'),
     max_memory: Optional[str] = _train_option('max_memory'),
     checkpoint_every: int = _train_option('checkpoint_every'),

@@ -36,6 +36,8 @@ class TrainConfig:
     patience: int = _f(0, "Stop after N evals without improvement (0 = off)")
     checkpoint_every: int = _f(100, "Write a checkpoint every N steps (0 = never)")
     keep: str = _f("best", "best (by --eval) | last: which tensors become the patch")
+    select: str = _f("loss", "What 'best' means on --eval (keep-best, patience, the head-start guard): loss "
+                             "(cross-entropy: smooth on a k-shot eval set) | accuracy")
     seed: int = _f(0, "Run seed (perturbation directions and minibatches)")
     max_memory: str | None = _f(None, "Memory budget, e.g. 300MB: plans the batch size")
     lp_examples: int | None = _f(None, "Training examples for the linear-probe head start (default: by bundle kind)")
@@ -106,6 +108,8 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
                               f"{', '.join(sorted(have))}")
     if cfg.keep not in ("best", "last"):
         raise ZoedgeError(f"bad --keep {cfg.keep!r}: choose best or last")
+    if cfg.select not in ("loss", "accuracy"):
+        raise ZoedgeError(f"bad --select {cfg.select!r}: choose loss or accuracy")
     for name in ("steps", "batch_size", "perturbations", "lp_examples"):
         if getattr(cfg, name) < 1:
             raise ZoedgeError(f"bad --{name.replace('_', '-')}: must be >= 1")

@@ -63,9 +63,9 @@ class Evaluator:
         return {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}
 
 
-def score(metrics: dict[str, float]) -> float:
-    """Higher is better: accuracy for classification, -loss for language modelling."""
-    return metrics["accuracy"] if "accuracy" in metrics else -metrics["loss"]
+def score(metrics: dict[str, float], by: str = "loss") -> float:
+    """Higher is better: -loss (cross-entropy, or the LM loss), or accuracy when by="accuracy" and there is one."""
+    return metrics["accuracy"] if by == "accuracy" and "accuracy" in metrics else -metrics["loss"]
 
 
 def fmt(metrics: dict[str, float]) -> str:

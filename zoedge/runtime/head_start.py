@@ -15,6 +15,7 @@ import numpy as np
 from zoedge.constants import PROMPT_SEARCH_EXAMPLES, PROMPT_SEARCH_MIN_EXAMPLES
 from zoedge.manifest import OUTPUT_FEATURES, Manifest
 from zoedge.runtime.evaluator import Dataset, Evaluator, fmt, score
+from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.probe import choose_l2, fit_linear_probe
 
 
@@ -27,18 +28,18 @@ class HeadStart:
 
 def head_start(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors: dict[str, np.ndarray],
                limit: int, seed: int, search: bool, eval_set: Dataset | None, start_metrics: dict | None,
-               log: Callable[[str], None]) -> HeadStart:
+               log: Callable[[str], None], select: str = "loss") -> HeadStart:
     """Fit the head into `tensors` (in place); undo it if the eval data says the exported head was better."""
     exported = {t.name: tensors[t.name].copy() for t in m.trainables if t.role == "head"}
     given_template = bundle.encoder.template
     candidates = m.prompt_candidates if search and len(m.prompt_candidates) > 1 else []
-    fitted, searched = fit_probe_head(m, bundle, evaluator, data, tensors, limit, seed, candidates, log)
+    fitted, searched = fit_probe_head(m, bundle, evaluator, data, tensors, limit, seed, candidates, log, eval_set)
     hs = HeadStart(fitted, searched)
     if eval_set is None:
         return hs
     hs.metrics = evaluator(eval_set)
     log(f"linear-probe head: eval {fmt(hs.metrics)}")
-    if m.kind == "decoder" and start_metrics is not None and score(hs.metrics) < score(start_metrics):
+    if m.kind == "decoder" and start_metrics is not None and score(hs.metrics, select) < score(start_metrics, select):
         # On SmolLM2 a probe fitted on 2,000 phrases scored 72.8% on test against the prompt's 78.9% zero-shot.
         for k, v in exported.items():
             np.copyto(tensors[k], v)
@@ -49,12 +50,16 @@ def head_start(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors
 
 
 def fit_probe_head(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors: dict[str, np.ndarray],
-                   limit: int, seed: int, candidates: list[str],
-                   log: Callable[[str], None]) -> tuple[dict[str, np.ndarray], list[dict]]:
+                   limit: int, seed: int, candidates: list[str], log: Callable[[str], None],
+                   eval_set: Dataset | None = None, centred: bool | None = None) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Fit the head on the frozen features of up to `limit` training examples; returns the new head tensors.
 
     With prompt candidates (decoders), first pick the template whose features give the best held-out probe
-    accuracy on the first PROMPT_SEARCH_EXAMPLES of those examples, and leave it set on `bundle.encoder`."""
+    accuracy on the first PROMPT_SEARCH_EXAMPLES of those examples, and leave it set on `bundle.encoder`.
+    The L2 is chosen by cross-entropy on `eval_set` when given (else on a held-out fifth, see choose_l2).
+    centred (default: decoders): shrink towards the exported head (the prompt's zero-shot label-word rows) rather
+    than towards zero, so that a probe on 32 examples refines the zero-shot classifier instead of replacing it
+    (SmolLM2, SST-2 k = 16, seed 13: test 79.0% zero-shot, 73.1% plain probe, 80.0% centred at L2 10)."""
     n = len(data.texts)
     idx = np.random.Generator(np.random.PCG64(seed)).permutation(n)[:limit] if n > limit else np.arange(n)
     labels = data.labels[idx]
@@ -66,7 +71,8 @@ def fit_probe_head(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, ten
             bundle.encoder.template = template
             (cached[template],) = evaluator.outputs(data, (OUTPUT_FEATURES,), idx[:k])
             _, scores = choose_l2(cached[template], labels[:k], len(m.labels), seed)
-            searched.append({"prompt_template": template, "held_out_accuracy": max(scores.values())})
+            searched.append({"prompt_template": template,
+                             "held_out_accuracy": max(v["accuracy"] for v in scores.values())})
         chosen = max(searched, key=lambda r: r["held_out_accuracy"])  # ties: the earlier candidate
         bundle.encoder.template = chosen["prompt_template"]
         log(f"prompt: {chosen['prompt_template']!r} (held-out probe accuracy {chosen['held_out_accuracy']:.3f} on {k} "
@@ -77,8 +83,19 @@ def fit_probe_head(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, ten
     if done < len(idx):
         parts += evaluator.outputs(data, (OUTPUT_FEATURES,), idx[done:])
     features = np.concatenate(parts)
-    l2, _ = choose_l2(features, labels, len(m.labels), seed)
-    w, b = fit_linear_probe(features, labels, len(m.labels), l2=l2)
+    prior = None
+    if m.kind == "decoder" if centred is None else centred:
+        weight, bias = head_names(m)
+        prior = (tensors[weight].copy(), tensors[bias].copy() if bias else np.zeros(len(m.labels), np.float32))
+    held = None
+    if eval_set is not None and eval_set.labels is not None:
+        (eval_features,) = evaluator.outputs(eval_set, (OUTPUT_FEATURES,))
+        held = (eval_features, eval_set.labels)
+    l2, scores = choose_l2(features, labels, len(m.labels), seed, prior, held)
+    w, b = fit_linear_probe(features, labels, len(m.labels), l2=l2, prior=prior)
+    grid = ", ".join(f"{k:g}: {v['loss']:.3f}" for k, v in scores.items()) or "nothing held out: the default"
+    log(f"linear-probe head: L2 {l2:g}, {'centred on the exported head' if prior else 'plain'} (cross-entropy on "
+        f"{'the eval data' if held else 'a held-out fifth'}: {grid})")
     start = {}
     for t in m.trainables:
         if t.role == "head":

@@ -51,8 +51,8 @@ def evaluate_step(run: Run, step: int, record: dict) -> bool:
     metrics = run.evaluator(run.eval_set)
     record.update({f"eval_{k}": v for k, v in metrics.items()}, eval_seconds=time.perf_counter() - te)
     state.history.append({k: v for k, v in record.items() if k != "eval_seconds"})
-    if state.best_score is None or score(metrics) > state.best_score:
-        state.best_score, state.best_step, state.evals_since_best = score(metrics), step, 0
+    if state.best_score is None or score(metrics, run.cfg.select) > state.best_score:
+        state.best_score, state.best_step, state.evals_since_best = score(metrics, run.cfg.select), step, 0
         state.best = {k: v.copy() for k, v in run.tensors.items()}
         return True
     state.evals_since_best += 1

@@ -161,11 +161,11 @@ def _start(state: RunState, m: Manifest, bundle: Bundle, evaluator: Evaluator, t
         bundle.encoder.template = cfg.prompt
     if cfg.head_init == "lp":
         hs = head_start(m, bundle, evaluator, train_set, state.tensors, cfg.lp_examples, cfg.seed,
-                        cfg.prompt == "auto", eval_set, state.start_metrics, log)
+                        cfg.prompt == "auto", eval_set, state.start_metrics, log, cfg.select)
         state.start, state.lp_metrics, state.prompt_search = hs.tensors, hs.metrics, hs.prompt_search
     state.prompt_template = bundle.encoder.template
     begin = state.lp_metrics or state.start_metrics
     if begin is not None:
-        state.best_score = score(begin)
+        state.best_score = score(begin, cfg.select)
         state.history.append({"step": 0, **{f"eval_{k}": v for k, v in begin.items()}})
         state.best = {k: v.copy() for k, v in state.tensors.items()}
