@@ -162,7 +162,7 @@ def _run_file(path: Path, signature: dict, key: str, args: tuple) -> list[np.nda
 
 def verify_tflite(bundle_dir: str | Path, data: str | Path | None = None, n: int = 32, seed: int = 0) -> dict:
     """`zoedge verify` for a TFLite bundle: LiteRT vs torch, same random non-zero trainables."""
-    from zoedge.export.verify import _agreement, reference_inputs
+    from zoedge.export.verify import prediction_agreement, reference_inputs
     from zoedge.runtime.bundle import Bundle
     from zoedge.runtime.tflite_forward import TFLiteForward
 
@@ -175,7 +175,7 @@ def verify_tflite(bundle_dir: str | Path, data: str | Path | None = None, n: int
         ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), {k: torch.from_numpy(v) for k, v in trainables.items()})
     ref = [r.numpy() for r in ref]
     diff = float(max(np.abs(g - r).max() for g, r in zip(got, ref)))
-    return {"max_abs_diff": diff, "prediction_agreement": _agreement(m.task, got, ref), "n": len(texts),
+    return {"max_abs_diff": diff, "prediction_agreement": prediction_agreement(m.task, got, ref), "n": len(texts),
             "quantization": m.quantization, "engine": "litert"}
 
 

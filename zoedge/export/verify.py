@@ -112,12 +112,12 @@ def verify_bundle(bundle_dir: str | Path, data: str | Path | None = None, n: int
             ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), {k: torch.from_numpy(v) for k, v in theta.items()})
         ref = [ref.numpy()] if isinstance(ref, torch.Tensor) else [r.numpy() for r in ref]
         diff = max(diff, float(max(np.abs(g - r).max() for g, r in zip(got, ref))))
-        agree_n.append(_agreement(m.task, got, ref))
+        agree_n.append(prediction_agreement(m.task, got, ref))
     return {"max_abs_diff": diff, "prediction_agreement": float(np.mean(agree_n)), "n": len(texts),
             "quantization": m.quantization}
 
 
-def _agreement(task: str, got: list[np.ndarray], ref: list[np.ndarray]) -> float:
+def prediction_agreement(task: str, got: list[np.ndarray], ref: list[np.ndarray]) -> float:
     if task == "classify":
         return float(np.mean(got[0].argmax(-1) == ref[0].argmax(-1)))
     g, r = got[0] / np.maximum(got[1], 1), ref[0] / np.maximum(ref[1], 1)  # per-row mean NLL within 1%
