@@ -18,7 +18,12 @@ import typer
 
 from zoedge.cli.errors import fail, one_line_errors
 
-SERVER_HELP = "Fleet server URL, e.g. http://127.0.0.1:8080"
+# Options that several commands share, defined once (typer copies an option's definition per command).
+SERVER = typer.Option(..., help="Fleet server URL, e.g. http://127.0.0.1:8080")
+ADMIN_TOKEN = typer.Option(..., help="The server's admin token")
+JSON_OUT = typer.Option(False, "--json", help="Print one JSON object")
+OUT_DIR = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)")
+TRAINED_ON = "The bundle the patch was trained on"
 
 
 def _emit(result: dict[str, Any], json_out: bool, human: str) -> None:
@@ -77,10 +82,10 @@ def serve(
 
 @one_line_errors
 def device_register(
-    server: str = typer.Option(..., help=SERVER_HELP),
-    admin_token: str = typer.Option(..., help="The server's admin token"),
+    server: str = SERVER,
+    admin_token: str = ADMIN_TOKEN,
     name: str = typer.Option(..., help="A name for the device"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Register a device; prints its id and bearer token (shown once)."""
     with _client(server, admin_token) as c:
@@ -92,9 +97,9 @@ def device_register(
 @one_line_errors
 def bundle_publish(
     bundle: Path = typer.Argument(..., help="Bundle directory"),
-    server: str = typer.Option(..., help=SERVER_HELP),
-    admin_token: str = typer.Option(..., help="The server's admin token"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    server: str = SERVER,
+    admin_token: str = ADMIN_TOKEN,
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Publish a bundle to the server (idempotent)."""
     with _client(server, admin_token) as c:
@@ -107,9 +112,9 @@ def bundle_publish(
 def bundle_aggregate(
     bundle_id: str = typer.Argument(..., help="Bundle id (from `zoedge bundle publish`)"),
     patches: str = typer.Option(..., help="Comma-separated patch ids to average"),
-    server: str = typer.Option(..., help=SERVER_HELP),
-    admin_token: str = typer.Option(..., help="The server's admin token"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    server: str = SERVER,
+    admin_token: str = ADMIN_TOKEN,
+    json_out: bool = JSON_OUT,
 ) -> None:
     """FedAvg device patches (weighted by their example counts) into the next global patch version."""
     ids = [p.strip() for p in patches.split(",") if p.strip()]
@@ -121,12 +126,12 @@ def bundle_aggregate(
 @one_line_errors
 def push(
     patch: Path = typer.Argument(..., help="Patch directory (written by `zoedge train`)"),
-    server: str = typer.Option(..., help=SERVER_HELP),
+    server: str = SERVER,
     token: str = typer.Option(..., help="This device's token"),
     format: str = typer.Option("adapter", "--format", help="adapter (the tensors) | trajectory "
                                                           "(a few KB; the server replays it)"),
     outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Upload a patch (queued in the outbox first: if the server is unreachable, `zoedge sync` sends it later)."""
     from zoedge.device.outbox import Outbox
@@ -168,15 +173,15 @@ def latest_global_of(client, bundle: Optional[str]) -> dict[str, Any]:
 
 @one_line_errors
 def pull(
-    server: str = typer.Option(..., help=SERVER_HELP),
+    server: str = SERVER,
     token: str = typer.Option(..., help="This device's token"),
     patch_id: Optional[str] = typer.Option(None, "--patch", help="Patch id or a unique prefix of it (your own "
                                                                  "or a global one)"),
     latest_global: bool = typer.Option(False, "--latest-global", help="The newest global patch (of --bundle)"),
     bundle: Optional[str] = typer.Option(None, help=f"With --latest-global: {BUNDLE_REF_HELP} (default: the only "
                                                     "bundle with global patches)"),
-    out: Path = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    out: Path = OUT_DIR,
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Download a patch directory (--patch ID, or --latest-global), checked against its sha256."""
     if bool(patch_id) == latest_global:
@@ -191,7 +196,7 @@ def pull(
 
 @one_line_errors
 def patches_list(
-    server: str = typer.Option(..., help=SERVER_HELP),
+    server: str = SERVER,
     token: str = typer.Option(..., help="This device's token (its own and the global patches) or the admin's (all)"),
     bundle: Optional[str] = typer.Option(None, help=BUNDLE_REF_HELP),
     kind: Optional[str] = typer.Option(None, help="adapter | trajectory | global"),
@@ -218,10 +223,10 @@ def patches_list(
 @one_line_errors
 def bundle_pull(
     bundle_id: str = typer.Argument(..., help="Bundle id or a unique prefix of it"),
-    server: str = typer.Option(..., help=SERVER_HELP),
+    server: str = SERVER,
     token: str = typer.Option(..., help="A device token or the admin token"),
-    out: Path = typer.Option(..., "--out", help="Directory to create (must not exist or be empty)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    out: Path = OUT_DIR,
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Download a published bundle, checked against its sha256 and every file against the manifest."""
     with _client(server, token) as c:
@@ -232,10 +237,10 @@ def bundle_pull(
 
 @one_line_errors
 def sync(
-    server: str = typer.Option(..., help=SERVER_HELP),
+    server: str = SERVER,
     token: str = typer.Option(..., help="This device's token"),
     outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Send every patch queued in the outbox."""
     from zoedge.device.outbox import Outbox
@@ -252,9 +257,9 @@ def sync(
 @one_line_errors
 def patch_replay(
     patch: Path = typer.Argument(..., help="Patch directory with trajectory.npy"),
-    bundle: Path = typer.Option(..., help="The bundle the patch was trained on"),
+    bundle: Path = typer.Option(..., help=TRAINED_ON),
     out: Path = typer.Option(..., "--out", help="Directory to write the complete patch to (absent or empty)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Rebuild a patch's adapter tensors from its trajectory, offline (numpy only), bit-exactly. Refused unless
     the patch was made for this bundle (or a re-export of it with the same labels and trainables)."""
@@ -283,10 +288,10 @@ def patch_replay(
 
 @one_line_errors
 def patch_merge(
-    bundle: Path = typer.Argument(..., help="The bundle the patch was trained on"),
+    bundle: Path = typer.Argument(..., help=TRAINED_ON),
     patch: Path = typer.Argument(..., help="Patch directory (with adapter_model.safetensors)"),
     out: Path = typer.Option(..., "--out", help="Directory to write the merged bundle to (absent or empty)"),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object"),
+    json_out: bool = JSON_OUT,
 ) -> None:
     """Bake a patch into a plain inference bundle (trained values as ONNX initializers, no trainable inputs) that
     `zoedge predict` runs without --patch. Needs the onnx package, which the device core lacks: pip install onnx

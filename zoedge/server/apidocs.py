@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -38,16 +38,19 @@ def install(app: FastAPI) -> None:
         app.mount(ASSETS_URL, StaticFiles(directory=str(static)), name="docs-assets")
     title = app.title
 
-    @app.get("/docs", include_in_schema=False)
-    def swagger_ui(request: Request) -> HTMLResponse:
+    def page(request: Request, render: Callable[[str, str, str], HTMLResponse]) -> HTMLResponse:
+        """render(root, openapi_url, assets_url), under the request's root_path (behind a proxy); 503 without assets."""
         if static is None:
             return HTMLResponse(MISSING, status_code=503)
         root = request.scope.get("root_path", "")
-        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title=f"{title} - Swagger UI",
-                                   oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
-                                   swagger_js_url=f"{root}{ASSETS_URL}/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{root}{ASSETS_URL}/swagger-ui.css",
-                                   swagger_favicon_url=f"{root}{ASSETS_URL}/favicon.png")
+        return render(root, f"{root}{app.openapi_url}", f"{root}{ASSETS_URL}")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        return page(request, lambda root, openapi, assets: get_swagger_ui_html(
+            openapi_url=openapi, title=f"{title} - Swagger UI", oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js", swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png"))
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     def swagger_ui_redirect() -> HTMLResponse:
@@ -55,9 +58,6 @@ def install(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
-        if static is None:
-            return HTMLResponse(MISSING, status_code=503)
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{title} - ReDoc",
-                              redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
-                              redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+        return page(request, lambda _root, openapi, assets: get_redoc_html(
+            openapi_url=openapi, title=f"{title} - ReDoc", redoc_js_url=f"{assets}/redoc.standalone.js",
+            redoc_favicon_url=f"{assets}/favicon.png", with_google_fonts=False))
