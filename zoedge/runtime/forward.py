@@ -34,13 +34,16 @@ class BoundForward:
         self.examples = 0
 
     def load_perturbations(self, directions: list[dict[str, np.ndarray]], eps: float) -> None:
-        """Copy 2i <- θ+εz_i, copy 2i+1 <- θ-εz_i; tensors without a direction are left unperturbed."""
+        """Copy 2i <- θ+εz_i, copy 2i+1 <- θ-εz_i; tensors without a direction are left unperturbed. εz_i is
+        computed once, into copy 2i+1 itself, which then becomes θ - εz_i (no temporary array)."""
         s = np.float32(eps)
         for i, z in enumerate(directions):
             for name, theta in self.trainables.items():
                 if name in z:
-                    np.add(theta, s * z[name], out=self.buffers[name][2 * i])
-                    np.subtract(theta, s * z[name], out=self.buffers[name][2 * i + 1])
+                    plus, minus = self.buffers[name][2 * i], self.buffers[name][2 * i + 1]
+                    np.multiply(z[name], s, out=minus)
+                    np.add(theta, minus, out=plus)
+                    np.subtract(theta, minus, out=minus)
                 else:
                     self.buffers[name][2 * i] = theta
                     self.buffers[name][2 * i + 1] = theta

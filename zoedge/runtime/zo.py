@@ -68,6 +68,7 @@ class DirectionCache:
         self.keep = keep
         self._key: tuple[int, int, int] | None = None
         self._z: list[tuple[str, np.ndarray]] = []
+        self.scratch = Scratch()  # the perturbations' work buffers (and their regenerated z): never saved
 
     def __call__(self, run_seed: int, step: int, i: int) -> Iterator[tuple[str, np.ndarray]]:
         if not self.keep:
@@ -85,13 +86,14 @@ class DirectionCache:
             return iter(self._z)
         return directions(run_seed, step, i, self.shapes, out)
 
+    def streamed(self, run_seed: int, step: int, i: int) -> Iterator[tuple[str, np.ndarray]]:
+        """z of (run_seed, step, i) for one pass tensor by tensor: the kept z (kept from here on when keeping),
+        else regenerated into one reused buffer of the scratch (each overwritten by the next)."""
+        if self.keep:
+            return self(run_seed, step, i)
+        return directions(run_seed, step, i, self.shapes, out=lambda shape: self.scratch("z", shape))
 
-def perturb(tensors: dict[str, np.ndarray], z: Iterator[tuple[str, np.ndarray]], scale: float) -> None:
-    """θ += scale * z, in place (scale is ε, -2ε or ε)."""
-    s = np.float32(scale)
-    for name, zi in z:
-        t = tensors[name]
-        t += s * zi
+
 
 
 class Scratch:
@@ -118,6 +120,17 @@ class Scratch:
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self._bufs.values())
+
+
+def perturb(tensors: dict[str, np.ndarray], z: Iterator[tuple[str, np.ndarray]], scale: float,
+            work: Scratch | None = None) -> None:
+    """θ += scale * z, in place (scale is ε, -2ε or ε). scale * z goes to work's buffer, not a new array: the
+    same float32 product and sum as `t += s * zi`, so the same bytes."""
+    s = np.float32(scale)
+    work = Scratch() if work is None else work
+    for name, zi in z:
+        t = tensors[name]
+        t += np.multiply(zi, s, out=work("sz", zi.shape, zi.dtype))
 
 
 @dataclass
@@ -219,12 +232,13 @@ def update(tensors: dict[str, np.ndarray], state: OptimizerState, cfg: ZOConfig,
 
 def perturbation_cycle(tensors: dict[str, np.ndarray], dirs: DirectionCache, run_seed: int, step: int, i: int,
                        eps: float, loss_at=None) -> tuple[float, float]:
-    """+εz, loss, -2εz, loss, +εz. With loss_at=None only the arithmetic is done (replay)."""
-    perturb(tensors, dirs(run_seed, step, i), eps)
+    """+εz, loss, -2εz, loss, +εz. With loss_at=None only the arithmetic is done (replay). Nothing tensor-sized
+    is allocated once dirs' scratch has met the largest tensor (z kept, or regenerated into the scratch)."""
+    perturb(tensors, dirs.streamed(run_seed, step, i), eps, dirs.scratch)
     lp = loss_at() if loss_at else 0.0
-    perturb(tensors, dirs(run_seed, step, i), -2 * eps)
+    perturb(tensors, dirs.streamed(run_seed, step, i), -2 * eps, dirs.scratch)
     lm = loss_at() if loss_at else 0.0
-    perturb(tensors, dirs(run_seed, step, i), eps)
+    perturb(tensors, dirs.streamed(run_seed, step, i), eps, dirs.scratch)
     return lp, lm
 
 
