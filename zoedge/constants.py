@@ -22,3 +22,6 @@ KEEP_Z_BYTES = 64 << 20  # keep a step's z in memory below this many bytes of mo
 # its zero-shot label-word head, so the top of the grid gives that head back.
 PROBE_L2_GRID = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 PROBE_DEFAULT_L2 = 1e-1
+# The trainer's plain-probe head start uses L2 >= this / examples (a fixed-strength Gaussian prior on the sum of
+# the examples' losses): 31 at k = 16 x 2 classes, 0.5 at 2,000 examples, 0.03 at 30,000 (docs/learning.md).
+PROBE_WARM_START_STRENGTH = 1000.0
