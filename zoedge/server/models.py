@@ -1,4 +1,4 @@
-"""ORM tables: devices, bundles, patches."""
+"""ORM tables: devices, bundles, patches; rate-limit windows and counters shared by the workers."""
 
 from __future__ import annotations
 
@@ -69,3 +69,22 @@ class Patch(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     parent_ids: Mapped[Optional[list[str]]] = mapped_column(JSON)  # global: the aggregated patches
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RateWindow(Base):
+    """Hits of one rate-limited key (a device) in one fixed window; shared by every worker (ratelimit.py)."""
+
+    __tablename__ = "rate_windows"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # floor(unix time / length)
+    hits: Mapped[int] = mapped_column(Integer)
+
+
+class Counter(Base):
+    """A monotonically growing server-wide count (uploads by result, upload bytes): /metrics reads these."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
