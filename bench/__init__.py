@@ -2,6 +2,7 @@
 
   python -m bench.sidebyside [--quick] ...      every contender side by side, each in its own process (`zoedge bench`)
   python -m bench.kshot run|assemble ...        the k-shot learning benchmark (docs/learning.md)
+  python -m bench.kshot_explore probe|train ...  lever exploration on one k-shot split (docs/learning.md)
   python -m bench.quant_encoders ...            encoder int8 schemes against fp32 (docs/quantization.md)
   python -m bench.batch_dependence BUNDLE ...   how much a bundle's eval accuracy depends on the eval batch
 

@@ -107,3 +107,22 @@ def test_batch_dependence_on_a_given_bundle(tmp_path, toy_sst2, tiny_bert_bundle
     doc = json.loads(capsys.readouterr().out)
     assert doc == json.loads((tmp_path / "bd.json").read_text())
     assert set(doc["by_batch"]) == {"1", "8"} and "changed_vs_batch1" in doc["by_batch"]["8"]
+
+
+def test_kshot_explore_probe_and_train_on_a_toy_split(tmp_path, tiny_bert_bundle):
+    """bench.kshot_explore: the probe grid and one short train run (fixed head-start L2) on a toy k-shot split."""
+    split = tmp_path / "split"
+    split.mkdir()
+    for name, n, seed in (("train", 16, 0), ("val", 16, 1), ("test", 24, 2)):
+        write_sentiment(split / f"{name}.tsv", n, seed=seed)
+    p = _python_m("bench.kshot_explore", "probe", tiny_bert_bundle, split)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(x) for x in p.stdout.splitlines()]
+    assert rows[0]["head"] == "exported" and {r["head"] for r in rows[1:]} == {"plain", "centred"}
+    assert all(0.0 <= r["test"][0] <= 1.0 for r in rows)
+    p = _python_m("bench.kshot_explore", "train", tiny_bert_bundle, split, tmp_path / "p", "--l2", "30",
+                  "--set", "steps=3", "--set", "lr=1e-3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.splitlines()[-1])
+    assert r["l2"] == 30 and r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
+    assert [h["step"] for h in r["history"]][-1] == 3

@@ -1,0 +1,93 @@
+"""Lever exploration on one k-shot split (issue 12): the numbers in docs/learning.md's "Levers" section.
+
+  python -m bench.kshot_explore probe BUNDLE SPLIT_DIR          # plain and centred probes over an L2 grid
+  python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--set lr=1e-3 --set steps=2000 ...]
+
+SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
+`train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
+and TrainConfig fields set by --set, selects on val.tsv as usual, and reports test.tsv accuracy once, at the end.
+These are exploration runs on one seed, not the benchmark table: their test accuracies chose nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _probe(bundle_dir: str, split: Path) -> None:
+    import numpy as np
+
+    from zoedge.manifest import OUTPUT_FEATURES, OUTPUT_LOGITS
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluator import Evaluator, load_dataset
+    from zoedge.runtime.forward import open_forward
+    from zoedge.runtime.head_grad import head_names
+    from zoedge.runtime.objectives import cross_entropy
+    from zoedge.runtime.probe import fit_linear_probe
+
+    b = Bundle.open(bundle_dir)
+    m, t = b.manifest, b.initial_trainables()
+    ev = Evaluator(b, open_forward(b, t), 16)
+    ds = {n: load_dataset(split / f"{n}.tsv", m) for n in ("train", "val", "test")}
+    out = {n: ev.outputs(d, (OUTPUT_FEATURES, OUTPUT_LOGITS)) for n, d in ds.items()}
+    row = lambda logits: {n: [round(float((lg.argmax(1) == ds[n].labels).mean()), 4),  # noqa: E731
+                              round(cross_entropy(lg, ds[n].labels), 4)] for n, lg in logits.items()}
+    print(json.dumps({"head": "exported", **row({n: o[1] for n, o in out.items()})}))
+    w_name, b_name = head_names(m)
+    prior = (t[w_name], t[b_name] if b_name else np.zeros(len(m.labels), np.float32))
+    for centred in (False, True):
+        for l2 in (1e-2, 1e-1, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0):
+            w, bias = fit_linear_probe(out["train"][0], ds["train"].labels, len(m.labels), l2=l2,
+                                       prior=prior if centred else None)
+            print(json.dumps({"head": "centred" if centred else "plain", "l2": l2,
+                              **row({n: o[0] @ w.T + bias for n, o in out.items()})}))
+
+
+def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str]) -> None:
+    import zoedge.runtime.head_start as hs
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.config import TrainConfig
+    from zoedge.runtime.evaluate import predict
+    from zoedge.runtime.evaluator import load_dataset
+    from zoedge.runtime.loop import train
+    from zoedge.runtime.patch import load_patch_tensors
+
+    over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
+    if l2 > 0:  # fixed L2 for every probe fit (the warm-start floor then applies on top for plain probes)
+        hs.choose_l2 = lambda *a, **k: (l2, {})
+    r = train(bundle_dir, split / "train.tsv", out, TrainConfig(**over), eval_path=split / "val.tsv",
+              log=lambda _m: None)
+    b = Bundle.open(bundle_dir)
+    if r.get("prompt_template"):
+        b.encoder.template = r["prompt_template"]
+    test = load_dataset(split / "test.tsv", b.manifest)
+    acc = float((predict(b, load_patch_tensors(out, b.manifest), test.texts).argmax(1) == test.labels).mean())
+    print(json.dumps({"l2": l2, **over, "test_accuracy": round(acc, 4), "val_accuracy": r["eval_accuracy"],
+                      "val_accuracy_head_start": r["eval_accuracy_head_start"], "kept_step": r["steps"],
+                      "seconds": r["seconds"], "history": r["history"]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.kshot_explore", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("bundle")
+    p.add_argument("split", type=Path)
+    t = sub.add_parser("train")
+    t.add_argument("bundle")
+    t.add_argument("split", type=Path)
+    t.add_argument("out", type=Path)
+    t.add_argument("--l2", type=float, default=0.0)
+    t.add_argument("--set", dest="sets", action="append", default=[], help="TrainConfig field=JSON value")
+    a = ap.parse_args(argv)
+    if a.cmd == "probe":
+        _probe(a.bundle, a.split)
+    else:
+        _train(a.bundle, a.split, a.out, a.l2, a.sets)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
