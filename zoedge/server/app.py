@@ -2,7 +2,8 @@
 (interactive, offline: /docs and /redoc), the dashboard at / and Prometheus metrics at /metrics.
 
 Several workers: `uvicorn --factory zoedge.server.app:app_from_env --workers 4` with ZOEDGE_* variables
-(see docs/server.md)."""
+(see docs/server.md); the rate limit and upload counters are in the database, blobs in the store
+(ZOEDGE_BLOB_STORE), so workers and hosts share them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse
 import zoedge
 from zoedge.errors import ZoedgeError
 from zoedge.server import apidocs
-from zoedge.server.blobs import BlobStore
+from zoedge.server.blobs import make_store
 from zoedge.server import schema
 from zoedge.server.db import make_engine, make_sessions
 from zoedge.server.metrics import Metrics
@@ -33,8 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     schema.upgrade(engine)  # Alembic migrations to the newest revision
     sessions = make_sessions(engine)
     state = ServerState(settings=settings, engine=engine, sessions=sessions,
-                        blobs=BlobStore(settings.data_dir / "blobs"), metrics=Metrics(sessions),
-                        limiter=RateLimiter(settings.rate_limit_per_minute))
+                        blobs=make_store(settings), metrics=Metrics(engine, sessions),
+                        limiter=RateLimiter(engine, settings.rate_limit_per_minute))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

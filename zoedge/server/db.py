@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from zoedge.server.settings import Settings
@@ -30,3 +31,14 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 def make_sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+INSERTS = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def dialect_insert(engine: Engine):
+    """The dialect's insert(), whose on_conflict_do_update makes an atomic upsert (shared counters)."""
+    try:
+        return INSERTS[engine.dialect.name]
+    except KeyError:
+        raise RuntimeError(f"no atomic upsert for database {engine.dialect.name!r} (SQLite or PostgreSQL)") from None

@@ -1,13 +1,18 @@
-"""Prometheus metrics: fleet counts read from the database at scrape time, upload counters per process."""
+"""Prometheus metrics, all read from the database at scrape time, so every worker answers the same: fleet counts
+and the upload counters (table counters, incremented atomically by whichever worker took the upload)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily
-from sqlalchemy import func, select
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from zoedge.server.models import PATCH_KINDS, Bundle, Device, Patch
+from zoedge.server.db import dialect_insert
+from zoedge.server.models import PATCH_KINDS, Bundle, Counter, Device, Patch
+
+UPLOAD_RESULTS = ("created", "duplicate", "rejected", "too_large", "rate_limited")
+UPLOADS, UPLOAD_BYTES = "uploads:", "upload_bytes"
 
 
 class FleetCollector:
@@ -20,6 +25,7 @@ class FleetCollector:
             bundles = db.scalar(select(func.count()).select_from(Bundle)) or 0
             rows = db.execute(select(Patch.kind, func.count(), func.coalesce(func.sum(Patch.bytes), 0))
                               .group_by(Patch.kind)).all()
+            counters = dict(db.execute(select(Counter.name, Counter.value)).all())
         yield GaugeMetricFamily("zoedge_devices", "Registered devices", value=devices)
         yield GaugeMetricFamily("zoedge_bundles", "Published bundles", value=bundles)
         by_kind = {kind: (n, b) for kind, n, b in rows}
@@ -31,15 +37,28 @@ class FleetCollector:
             stored.add_metric([kind], int(b))
         yield patches
         yield stored
+        uploads = CounterMetricFamily("zoedge_uploads", "Patch uploads received (all workers), by result",
+                                      labels=["result"])
+        for result in UPLOAD_RESULTS:
+            uploads.add_metric([result], counters.get(UPLOADS + result, 0))
+        yield uploads
+        yield CounterMetricFamily("zoedge_upload_bytes", "Patch upload bytes received (all workers)",
+                                  value=counters.get(UPLOAD_BYTES, 0))
 
 
 class Metrics:
-    def __init__(self, sessions: sessionmaker[Session]):
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session]):
+        self.engine = engine
+        self.insert = dialect_insert(engine)
         self.registry = CollectorRegistry()
         self.registry.register(FleetCollector(sessions))
-        self.uploads = Counter("zoedge_uploads", "Patch uploads received by this worker, by result",
-                               ["result"], registry=self.registry)
-        self.upload_bytes = Counter("zoedge_upload_bytes", "Patch upload bytes received by this worker",
-                                    registry=self.registry)
-        for result in ("created", "duplicate", "rejected", "too_large"):
-            self.uploads.labels(result)
+
+    def count_upload(self, result: str, nbytes: int = 0) -> None:
+        """One upload with this result (and its body bytes), in one atomic statement."""
+        assert result in UPLOAD_RESULTS, result
+        rows = [{"name": UPLOAD_BYTES, "value": nbytes}] if nbytes else []
+        rows.append({"name": UPLOADS + result, "value": 1})  # sorted by name: workers lock rows in one order
+        ins = self.insert(Counter).values(rows)
+        with self.engine.begin() as conn:
+            conn.execute(ins.on_conflict_do_update(index_elements=[Counter.name],
+                                                   set_={"value": Counter.value + ins.excluded.value}))

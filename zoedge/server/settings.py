@@ -17,7 +17,14 @@ class Settings(BaseSettings):
     admin_token: str = ""  # empty: the admin API answers 403
     max_upload_bytes: int = 64 * MiB  # one patch archive
     max_bundle_bytes: int = 4096 * MiB  # one bundle archive
-    rate_limit_per_minute: int = 120  # patch uploads per device and minute, per worker process; 0 = off
+    rate_limit_per_minute: int = 120  # patch uploads per device and minute, all workers together; 0 = off
+    # Blobs (archives, adapters): `local` = data_dir/blobs; `s3` = an S3-compatible bucket (boto3; credentials
+    # from boto3's chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an instance role)
+    blob_store: str = "local"
+    s3_bucket: str = ""
+    s3_prefix: str = "blobs/"  # object keys: <prefix>ab/abcdef...
+    s3_endpoint_url: str = ""  # "" = AWS; e.g. http://minio:9000
+    s3_region: str = ""
     # `/` (device names, patch metrics) and `/metrics` need the admin token or read_token unless made public
     public_dashboard: bool = False
     public_metrics: bool = False

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from zoedge.server.aggregate import aggregate
+from zoedge.server.blobs import blob_response
 from zoedge.server.deps import AdminDep, CallerDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_bundle
 from zoedge.server.lookup import by_id_or_prefix
@@ -52,10 +53,10 @@ def get_bundle(bundle_id: str, db: SessionDep, _: CallerDep) -> Bundle:
 
 
 @router.get("/{bundle_id}/archive", response_class=FileResponse)
-def download_bundle(bundle_id: str, db: SessionDep, state: StateDep, _: CallerDep) -> FileResponse:
+def download_bundle(bundle_id: str, db: SessionDep, state: StateDep, _: CallerDep) -> Response:
     bundle = bundle_by_id(db, bundle_id)
-    return FileResponse(state.blobs.path(bundle.sha256), media_type="application/octet-stream",
-                        filename=f"bundle-{bundle.id}.tar", headers={SHA256_HEADER: bundle.sha256})
+    return blob_response(state.blobs, bundle.sha256, "application/octet-stream", f"bundle-{bundle.id}.tar",
+                         {SHA256_HEADER: bundle.sha256})
 
 
 @router.post("/{bundle_id}/aggregate", status_code=status.HTTP_201_CREATED, response_model=PatchOut)

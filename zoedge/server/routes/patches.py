@@ -11,6 +11,7 @@ from sqlalchemy import or_, select
 
 from zoedge.errors import ZoedgeError
 from zoedge.server.auto import maybe_aggregate
+from zoedge.server.blobs import blob_response
 from zoedge.server.deps import CallerDep, DeviceDep, SessionDep, StateDep
 from zoedge.server.intake import ingest_patch
 from zoedge.server.lookup import by_id_or_prefix
@@ -30,28 +31,28 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
     start.safetensors). `trajectory`: patch.json + trajectory.npy (+ start.safetensors); the server replays
     it against the bundle and stores the rebuilt adapter. The same archive again answers 200 with the
     existing patch (uploads are idempotent by sha256)."""
-    wait = state.limiter.retry_after(device.id)
+    metrics = state.metrics
+    wait = await run_in_threadpool(state.limiter.retry_after, device.id)
     if wait:
+        await run_in_threadpool(metrics.count_upload, "rate_limited")
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many uploads from this device; slow down",
                             headers={"Retry-After": str(int(wait) + 1)})
     expected = format or request.headers.get(FORMAT_HEADER) or None
     if expected not in (None, "adapter", "trajectory"):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown patch format {expected!r}")
-    metrics = state.metrics
     with state.blobs.temp_file(".upload") as upload:
         try:
             sha, size = await receive_body(request, upload, state.settings.max_upload_bytes)
         except HTTPException:
-            metrics.uploads.labels("too_large").inc()
+            await run_in_threadpool(metrics.count_upload, "too_large")
             raise
-        metrics.upload_bytes.inc(size)
         try:
             check_declared_sha256(request, sha, required=True)
             patch, created = await run_in_threadpool(ingest_patch, state, device.id, upload, sha, size, expected)
         except (HTTPException, ZoedgeError):
-            metrics.uploads.labels("rejected").inc()
+            await run_in_threadpool(metrics.count_upload, "rejected", size)
             raise
-    metrics.uploads.labels("created" if created else "duplicate").inc()
+    await run_in_threadpool(metrics.count_upload, "created" if created else "duplicate", size)
     if not created:
         response.status_code = status.HTTP_200_OK
     elif state.settings.auto_aggregate:
@@ -95,18 +96,18 @@ def get_patch(patch_id: str, db: SessionDep, caller: CallerDep) -> Patch:
 
 
 @router.get("/{patch_id}/archive", response_class=FileResponse)
-def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> FileResponse:
+def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> Response:
     """The complete patch directory as a tar: the uploaded archive for adapter patches; for trajectory
     patches the upload plus the replayed adapter_model.safetensors (and adapter_config.json). `patch_id`: the id or
     a unique prefix."""
     patch = readable_patch(db, caller, patch_id)
-    return FileResponse(state.blobs.path(patch.archive_sha256), media_type="application/x-tar",
-                        filename=f"patch-{patch.id}.tar", headers={SHA256_HEADER: patch.archive_sha256})
+    return blob_response(state.blobs, patch.archive_sha256, "application/x-tar", f"patch-{patch.id}.tar",
+                         {SHA256_HEADER: patch.archive_sha256})
 
 
 @router.get("/{patch_id}/adapter", response_class=FileResponse)
-def download_adapter(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> FileResponse:
+def download_adapter(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> Response:
     """adapter_model.safetensors alone (uploaded, replayed or averaged)."""
     patch = readable_patch(db, caller, patch_id)
-    return FileResponse(state.blobs.path(patch.adapter_blob), media_type="application/octet-stream",
-                        filename="adapter_model.safetensors", headers={SHA256_HEADER: patch.adapter_blob})
+    return blob_response(state.blobs, patch.adapter_blob, "application/octet-stream", "adapter_model.safetensors",
+                         {SHA256_HEADER: patch.adapter_blob})
