@@ -21,12 +21,9 @@ def status_mb() -> dict[str, float]:
 
 
 def peak_mb() -> float:
-    """VmHWM: this process image's own peak (ru_maxrss would include the RSS of the process that started us)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """VmHWM: this process image's own peak (ru_maxrss would include the RSS of the process that started us). This
+    script runs in the onnxruntime-training venv, which has no zoedge: zoedge.runtime.memory cannot be imported."""
+    return status_mb().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def generate(work: Path, requires_grad: list[str]) -> dict:

@@ -26,17 +26,15 @@ from pathlib import Path
 
 def status_mb() -> dict[str, float]:
     """VmHWM (peak), VmRSS, RssAnon, RssFile of this process, in MB."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = round(int(line.split()[1]) / 1024.0, 1)
-    return out
+    from zoedge.runtime.memory import proc_status_mb
+
+    return {k: round(v, 1) for k, v in proc_status_mb().items()}
 
 
 def vm_hwm_mb() -> float:
-    return status_mb().get("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from zoedge.runtime.memory import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 def main() -> None:

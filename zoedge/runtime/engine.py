@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from zoedge.errors import ZoedgeError
@@ -71,6 +70,3 @@ def create_session(bundle_dir: str | Path, manifest: Manifest, threads: int = 0,
                               f"manifest but {list(i.shape)} in {manifest.model_file}")
     return session
 
-
-def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return session.run(None, feeds)

@@ -18,16 +18,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM from /proc (ru_maxrss carries a large parent's peak over fork+exec)."""
+def proc_status_mb(keys: tuple[str, ...] = ("VmHWM", "VmRSS", "RssAnon", "RssFile")) -> dict[str, float]:
+    """These /proc/self/status memory lines of this process, in MB ({} where there is no /proc)."""
     try:
         with open(f"/proc/{os.getpid()}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
+            return {ln.split(":")[0]: int(ln.split()[1]) / 1024.0 for ln in f if ln.split(":")[0] in keys}
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+        return {}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM from /proc (ru_maxrss carries a large parent's peak over fork+exec)."""
+    peak = proc_status_mb(("VmHWM",)).get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def current_rss_mb() -> float:
