@@ -1,7 +1,7 @@
 """Lever exploration on one k-shot split (issue 12): the numbers in docs/learning.md's "Levers" section.
 
   python -m bench.kshot_explore probe BUNDLE SPLIT_DIR          # plain and centred probes over an L2 grid
-  python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--set lr=1e-3 --set steps=2000 ...]
+  python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--no-floor] [--set lr=1e-3 --set steps=2000 ...]
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -45,7 +45,7 @@ def _probe(bundle_dir: str, split: Path) -> None:
                               **row({n: o[0] @ w.T + bias for n, o in out.items()})}))
 
 
-def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str]) -> None:
+def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], floor: bool = True) -> None:
     import zoedge.runtime.head_start as hs
     from zoedge.runtime.bundle import Bundle
     from zoedge.runtime.config import TrainConfig
@@ -57,6 +57,8 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str]) 
     over = {k: json.loads(v) for k, v in (s.split("=", 1) for s in sets)}
     if l2 > 0:  # fixed L2 for every probe fit (the warm-start floor then applies on top for plain probes)
         hs.choose_l2 = lambda *a, **k: (l2, {})
+    if not floor:  # the head start as it was before the warm-start floor (commit 8a01430)
+        hs.PROBE_WARM_START_STRENGTH = 0.0
     r = train(bundle_dir, split / "train.tsv", out, TrainConfig(**over), eval_path=split / "val.tsv",
               log=lambda _m: None)
     b = Bundle.open(bundle_dir)
@@ -81,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("out", type=Path)
     t.add_argument("--l2", type=float, default=0.0)
     t.add_argument("--set", dest="sets", action="append", default=[], help="TrainConfig field=JSON value")
+    t.add_argument("--no-floor", action="store_true", help="no warm-start L2 floor for a plain probe")
     a = ap.parse_args(argv)
     if a.cmd == "probe":
         _probe(a.bundle, a.split)
     else:
-        _train(a.bundle, a.split, a.out, a.l2, a.sets)
+        _train(a.bundle, a.split, a.out, a.l2, a.sets, floor=not a.no_floor)
     return 0
 
 
