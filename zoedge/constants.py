@@ -25,3 +25,8 @@ PROBE_DEFAULT_L2 = 1e-1
 # The trainer's plain-probe head start uses L2 >= this / examples (a fixed-strength Gaussian prior on the sum of
 # the examples' losses): 31 at k = 16 x 2 classes, 0.5 at 2,000 examples, 0.03 at 30,000 (docs/learning.md).
 PROBE_WARM_START_STRENGTH = 1000.0
+
+# ---- fleet: seed-pool ZO (runtime/seedpool.py) ---------------------------------------------------------
+# Candidate seeds in a fleet's pool (FedKSeed, arXiv 2312.06353): every step of every device draws its direction
+# from them, and a patch is one float32 coefficient per seed. The fleet server accepts pools of this size only.
+SEED_POOL_K = 1024

@@ -34,13 +34,15 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 TRAJECTORY_FILE = "trajectory.npy"
 START_FILE = "start.safetensors"
-PATCH_FILES = (PATCH_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TRAJECTORY_FILE, START_FILE)
+COEFFICIENTS_FILE = "coefficients.npy"  # seed-pool patches: float32 (K,), one coefficient per pool seed
+PATCH_FILES = (PATCH_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, TRAJECTORY_FILE, START_FILE, COEFFICIENTS_FILE)
 
 KINDS = ("device", "global")  # a device's training run | an aggregate of device patches (no trajectory)
 REQUIRED = ("base_sha256", "adapter_sha256")
 COUNTS = ("steps", "examples", "version", "rollbacks", "forward_passes", "optimizer_state_bytes")
 ZO_NUMBERS = ("eps", "weight_decay", "momentum", "beta2", "adam_eps", "clip")
 MAX_PERTURBATIONS = 4096
+MAX_SEED_POOL_K = 1 << 20  # a pool's coefficients: 4 MB at most
 
 
 def trainables_digest(manifest: Manifest) -> str:
@@ -83,6 +85,8 @@ class PatchDoc:
     steps_run: int | None = None
     run_seed: int | None = None  # needed (with zo) to replay the trajectory
     zo: dict[str, Any] | None = None  # the ZO configuration (runtime.zo.ZOConfig.to_dict())
+    seed_pool_id: int | None = None  # seed-pool patch: the pool its directions come from (runtime.seedpool)
+    seed_pool_k: int | None = None  # and its size K: coefficients.npy holds K float32 (None: not seed-pool)
     examples: int = 0  # training examples (FedAvg weight)
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
@@ -136,7 +140,7 @@ class PatchDoc:
             return "prompt_template must be a string containing {sentence}"
         if self.prompt_search is not None and not isinstance(self.prompt_search, list):
             return "'prompt_search' must be a list"
-        return self._zo_problem()
+        return self._zo_problem() or self._seed_pool_problem()
 
     def _zo_problem(self) -> str | None:
         zo = self.zo
@@ -158,6 +162,17 @@ class PatchDoc:
             return "zo.roles must be a list of role names or null"
         if "generator" in zo and not isinstance(zo["generator"], str):
             return "zo.generator must be a string"
+        return None
+
+    def _seed_pool_problem(self) -> str | None:
+        if self.seed_pool_id is None and self.seed_pool_k is None:
+            return None
+        if not (_count(self.seed_pool_id) and _count(self.seed_pool_k) and 1 <= self.seed_pool_k <= MAX_SEED_POOL_K):
+            return (f"seed_pool_id must be a non-negative integer and seed_pool_k one from 1 to {MAX_SEED_POOL_K} "
+                    f"(got {self.seed_pool_id!r:.30}, {self.seed_pool_k!r:.30})")
+        zo = self.zo or {}
+        if zo.get("optimizer", "zo-sgd") != "zo-sgd" or zo.get("weight_decay", 0) or not zo.get("inplace", True):
+            return "a seed-pool patch must come from zo-sgd without weight decay, perturbing in place"
         return None
 
     # ---- building --------------------------------------------------------------------------------

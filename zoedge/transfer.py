@@ -6,6 +6,9 @@
     adapter     patch.json + adapter_model.safetensors (+ adapter_config.json, start.safetensors if present)
     trajectory  patch.json + trajectory.npy (+ start.safetensors if present): a few KB; the server
                 replays it against the bundle to rebuild the adapter
+    coefficients  a seed-pool patch (zoedge train --seed-pool K): patch.json + coefficients.npy (+ start.safetensors):
+                4 KB for K = 1024 whatever the model; the server rebuilds the adapter from the bundle's seed pool
+                (an adapter upload of a seed-pool patch carries its coefficients.npy too)
 
 * archives: `pack` writes an uncompressed tar whose bytes depend only on the files' names and contents (sorted
   names, mtime 0, uid/gid 0, mode 0644), so packing the same patch twice gives the same sha256 and an upload is
@@ -29,17 +32,21 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from zoedge.errors import ZoedgeError
 from zoedge.fsio import open_atomic
 from zoedge.manifest import sha256_file
-from zoedge.patchdoc import ADAPTER_CONFIG_FILE, ADAPTER_FILE, PATCH_FILE, START_FILE, TRAJECTORY_FILE, PatchDoc
+from zoedge.patchdoc import (
+    ADAPTER_CONFIG_FILE, ADAPTER_FILE, COEFFICIENTS_FILE, PATCH_FILE, START_FILE, TRAJECTORY_FILE, PatchDoc,
+)
 
 SHA256_HEADER = "X-Zoedge-Sha256"  # sha256 of an upload's body / of a downloaded file
 FORMAT_HEADER = "X-Zoedge-Format"  # the declared upload format
 
-UPLOAD_FORMATS = ("adapter", "trajectory")
+UPLOAD_FORMATS = ("adapter", "trajectory", "coefficients")
 FORMAT_FILES = {
-    "adapter": (PATCH_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, START_FILE),
+    "adapter": (PATCH_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE, START_FILE, COEFFICIENTS_FILE),
     "trajectory": (PATCH_FILE, TRAJECTORY_FILE, START_FILE),
+    "coefficients": (PATCH_FILE, COEFFICIENTS_FILE, START_FILE),
 }
-REQUIRED_FILES = {"adapter": (PATCH_FILE, ADAPTER_FILE), "trajectory": (PATCH_FILE, TRAJECTORY_FILE)}
+REQUIRED_FILES = {"adapter": (PATCH_FILE, ADAPTER_FILE), "trajectory": (PATCH_FILE, TRAJECTORY_FILE),
+                  "coefficients": (PATCH_FILE, COEFFICIENTS_FILE)}
 
 
 # ---- a patch directory's files ----------------------------------------------------------------------------
@@ -61,7 +68,7 @@ def read_patch_doc(patch_dir: str | Path, require_all: bool = True) -> PatchDoc:
 def format_files(patch_dir: str | Path, fmt: str) -> list[str]:
     """The files of patch_dir that an upload in format fmt carries (checked to exist)."""
     if fmt not in UPLOAD_FORMATS:
-        raise ZoedgeError(f"bad --format {fmt!r}: choose adapter or trajectory")
+        raise ZoedgeError(f"bad --format {fmt!r}: choose {', '.join(UPLOAD_FORMATS)}")
     patch_dir = Path(patch_dir)
     doc = PatchDoc.load(patch_dir)
     names = [n for n in FORMAT_FILES[fmt] if (patch_dir / n).is_file()]
@@ -88,7 +95,8 @@ def check_carried_files(patch_dir: str | Path, names: list[str]) -> None:
 
 def inspect_patch_dir(patch_dir: str | Path) -> tuple[PatchDoc, str]:
     """(patch.json, format) of a directory holding an upload's files; every file present must be listed
-    in patch.json with its sha256. The format is adapter when the adapter tensors are there, else trajectory.
+    in patch.json with its sha256. The format is adapter when the adapter tensors are there, else coefficients
+    when a seed pool's coefficients are, else trajectory.
     Messages name the file, not the (server's scratch) directory."""
     patch_dir = Path(patch_dir)
     doc = PatchDoc.load(patch_dir, where=PATCH_FILE)
@@ -98,9 +106,11 @@ def inspect_patch_dir(patch_dir: str | Path) -> tuple[PatchDoc, str]:
             raise ZoedgeError(f"{name} is not listed in {PATCH_FILE}")
         if sha256_file(patch_dir / name) != doc.files[name]:
             raise ZoedgeError(f"{name} does not match its sha256 in {PATCH_FILE} (corrupt or edited)")
-    fmt = "adapter" if ADAPTER_FILE in present else "trajectory"
+    fmt = "adapter" if ADAPTER_FILE in present else "coefficients" if COEFFICIENTS_FILE in present else "trajectory"
     if TRAJECTORY_FILE not in present and fmt == "trajectory":
-        raise ZoedgeError(f"the upload has neither {ADAPTER_FILE} nor {TRAJECTORY_FILE}")
+        raise ZoedgeError(f"the upload has neither {ADAPTER_FILE}, {COEFFICIENTS_FILE} nor {TRAJECTORY_FILE}")
+    if doc.seed_pool_k is not None and COEFFICIENTS_FILE not in present:
+        raise ZoedgeError(f"a seed-pool patch travels with its {COEFFICIENTS_FILE}")
     if fmt == "adapter" and ADAPTER_CONFIG_FILE in doc.files and ADAPTER_CONFIG_FILE not in present:
         raise ZoedgeError(f"{ADAPTER_CONFIG_FILE} is listed in {PATCH_FILE} but missing")
     return doc, fmt

@@ -129,7 +129,8 @@ def push(
     server: str = SERVER,
     token: str = typer.Option(..., help="This device's token"),
     format: str = typer.Option("adapter", "--format", help="adapter (the tensors) | trajectory "
-                                                          "(a few KB; the server replays it)"),
+                                                          "(a few KB; the server replays it) | coefficients "
+                                                          "(a --seed-pool patch: 4 KB at K = 1024)"),
     outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
     json_out: bool = JSON_OUT,
 ) -> None:
@@ -199,7 +200,7 @@ def patches_list(
     server: str = SERVER,
     token: str = typer.Option(..., help="This device's token (its own and the global patches) or the admin's (all)"),
     bundle: Optional[str] = typer.Option(None, help=BUNDLE_REF_HELP),
-    kind: Optional[str] = typer.Option(None, help="adapter | trajectory | global"),
+    kind: Optional[str] = typer.Option(None, help="adapter | trajectory | coefficients | global"),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object {\"patches\": [...]}"),
 ) -> None:
     """List the patches you can read, oldest first, with their full ids (for `zoedge pull --patch`)."""
@@ -256,12 +257,13 @@ def sync(
 
 @one_line_errors
 def patch_replay(
-    patch: Path = typer.Argument(..., help="Patch directory with trajectory.npy"),
+    patch: Path = typer.Argument(..., help="Patch directory with trajectory.npy (or a seed pool's coefficients.npy)"),
     bundle: Path = typer.Option(..., help=TRAINED_ON),
     out: Path = typer.Option(..., "--out", help="Directory to write the complete patch to (absent or empty)"),
     json_out: bool = JSON_OUT,
 ) -> None:
-    """Rebuild a patch's adapter tensors from its trajectory, offline (numpy only), bit-exactly. Refused unless
+    """Rebuild a patch's adapter tensors from its trajectory (a seed-pool patch: from its coefficients, a global one
+    too), offline (numpy only), bit-exactly. Refused unless
     the patch was made for this bundle (or a re-export of it with the same labels and trainables)."""
     from zoedge.manifest import Manifest
     from zoedge.patchdoc import PatchDoc
@@ -275,7 +277,7 @@ def patch_replay(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         work = Path(tmp) / "patch"
         work.mkdir()
-        for name in FORMAT_FILES["trajectory"]:
+        for name in FORMAT_FILES["trajectory" if PatchDoc.load(patch).seed_pool_k is None else "coefficients"]:
             if (patch / name).is_file():
                 shutil.copyfile(patch / name, work / name)
         doc = complete_patch_dir(work, bundle)

@@ -151,6 +151,7 @@ def train(
     max_memory: Optional[str] = _train_option('max_memory'),
     checkpoint_every: int = _train_option('checkpoint_every'),
     seed: int = _train_option('seed'),
+    seed_pool: int = _train_option('seed_pool'),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out; start fresh when there is none "
                                                         "(one fixed command line survives a kill at any moment)"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: training loss and eval accuracy per step, the start "

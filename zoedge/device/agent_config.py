@@ -8,7 +8,7 @@
     eval = "dev.tsv"                     # optional held-out data (the trainer's --eval)
     state_dir = "state"                  # status.json, the lock, runs, pulled patches, the outbox
     interval = 300                       # seconds between cycles
-    format = "trajectory"                # push format: trajectory | adapter
+    format = "trajectory"                # push format: trajectory | adapter | coefficients (train.seed_pool)
     train_seconds = 600                  # time budget of one cycle's training (0 = none); the run resumes next cycle
     min_examples = 8                     # train only with at least this many labelled examples
     train_lock = ""                      # a lock file shared by agents that must never train at the same time
@@ -28,7 +28,7 @@ from typing import Any
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.config import TrainConfig
 
-FORMATS = ("trajectory", "adapter")
+FORMATS = ("trajectory", "adapter", "coefficients")
 
 
 @dataclass

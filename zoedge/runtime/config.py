@@ -7,8 +7,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from zoedge.constants import SEED_POOL_K
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
+from zoedge.patchdoc import MAX_SEED_POOL_K
 from zoedge.runtime import objectives
 from zoedge.runtime.zo import OPTIMIZERS
 
@@ -46,6 +48,9 @@ class TrainConfig:
                              "at this lr, and spend ZO only on the other trainables; 0: ZO on everything")
     prompt: str | None = _f(None, "Decoder bundles: auto (pick among the bundle's prompt candidates) or a template "
                                   "with {sentence}")
+    seed_pool: int = _f(0, "K > 0: draw every direction from the bundle's pool of K seeds, shared by the fleet "
+                           f"(FedKSeed; the fleet server takes {SEED_POOL_K}): the patch is K float32 coefficients "
+                           "(zo-sgd only; no --batched, --weight-decay or --head-lr); 0: off")
 
 
 # Settings that do not change the trajectory: a resumed run may differ in these (peft's runtime_config).
@@ -134,7 +139,24 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
             raise ZoedgeError(f"bad --perturbations {cfg.perturbations}: this bundle's copies axis fixes q = "
                               f"{m.copies // 2} (copies / 2)")
         cfg.batched, cfg.perturbations = True, m.copies // 2
+    _check_seed_pool(cfg)
     return cfg
+
+
+def _check_seed_pool(cfg: TrainConfig) -> None:
+    """Seed-pool mode rebuilds θ0 − Σ c_j z_j: only plain SGD steps on the ZO-moved tensors add up to that."""
+    if not cfg.seed_pool:
+        return
+    if not 1 <= cfg.seed_pool <= MAX_SEED_POOL_K:
+        raise ZoedgeError(f"bad --seed-pool {cfg.seed_pool}: a pool of 1 to {MAX_SEED_POOL_K} seeds (0 = off)")
+    if cfg.optimizer != "zo-sgd":
+        raise ZoedgeError(f"--seed-pool needs --optimizer zo-sgd (a {cfg.optimizer} step is no sum of pool directions)")
+    if cfg.batched:
+        raise ZoedgeError("--seed-pool perturbs in place: not with --batched or a bundle with a copies axis")
+    if cfg.weight_decay:
+        raise ZoedgeError("--seed-pool does not take --weight-decay (its update is no sum of pool directions)")
+    if cfg.head_lr:
+        raise ZoedgeError("--seed-pool does not take --head-lr (the head's exact-gradient steps are not in the pool)")
 
 
 def trajectory_key(cfg: TrainConfig) -> dict:

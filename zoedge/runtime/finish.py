@@ -13,6 +13,7 @@ from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, trajectory_key
 from zoedge.runtime.memory import peak_rss_mb
+from zoedge.runtime import seedpool
 from zoedge.runtime.patch import read_patch, write_patch
 from zoedge.runtime.setup import Run
 
@@ -47,7 +48,14 @@ def write_result(run: Run, t0: float) -> dict:
     start = state.start
     if cfg.head_lr:  # replay rebuilds only what ZO moved: the head travels as it ended, beside the head start
         start = {**start, **{t.name: final[t.name] for t in m.trainables if t.role == "head"}}
-    write_patch(run.out, m, final, state.trajectory[:final_step], start, meta)
+    coefficients = None
+    if cfg.seed_pool:  # the patch is θ0 − Σ c_j z_j, rebuilt as every other copy of it is (runtime/seedpool.py)
+        pool = run.dirs.pool
+        coefficients = seedpool.coefficients(state.trajectory[:final_step], cfg.seed, pool.k, cfg.perturbations)
+        final = {**run.bundle.initial_trainables(), **{k: v.copy() for k, v in start.items()}}
+        seedpool.rebuild(run.zo_cfg.select(final, run.roles), pool.id, coefficients)
+        meta.update(seed_pool_id=pool.id, seed_pool_k=pool.k)
+    write_patch(run.out, m, final, state.trajectory[:final_step], start, meta, coefficients)
     return _summary(run.out, meta, metrics, seconds, run.fwd.calls)
 
 

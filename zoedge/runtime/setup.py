@@ -24,6 +24,7 @@ from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.head_start import head_start
 from zoedge.runtime.memory import parse_size, plan_training_batch
 from zoedge.runtime.patch import PATCH_FILE, PATCH_FILES
+from zoedge.runtime.seedpool import SeedPool, pool_id
 from zoedge.runtime.state import RunState
 from zoedge.runtime.zo import DirectionCache, OptimizerState, ZOConfig
 
@@ -87,7 +88,9 @@ def open_run(bundle: Bundle, cfg: TrainConfig, out: Path, mode: str, data: str |
     moving = zo_cfg.select(tensors, roles)  # the arrays ZO perturbs and updates (shared with `tensors`)
     checked = {**moving, **({n: tensors[n] for n in head if n} if head else {})}  # what an update can change
     moved_bytes = sum(t.nbytes for t in moving.values())
-    dirs = DirectionCache([(n, tuple(t.shape)) for n, t in moving.items()], keep=moved_bytes <= KEEP_Z_BYTES)
+    pool = SeedPool(pool_id(m), cfg.seed_pool) if cfg.seed_pool else None  # every z from the bundle's seed pool
+    dirs = DirectionCache([(n, tuple(t.shape)) for n, t in moving.items()], keep=moved_bytes <= KEEP_Z_BYTES,
+                          pool=pool)
     estimate = Estimator(fwd, m, cfg, moving, dirs, head=bool(head))
     width = cfg.perturbations + 1
 

@@ -52,7 +52,13 @@ class ZOConfig:
 def directions(run_seed: int, step: int, i: int, shapes: list[tuple[str, tuple[int, ...]]],
                out: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """z_i tensor by tensor; with out, each is written into out(shape) (a reused buffer: the same values)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([run_seed, step, i])))
+    return seeded_directions([run_seed, step, i], shapes, out)
+
+
+def seeded_directions(entropy: list[int], shapes: list[tuple[str, tuple[int, ...]]],
+                      out: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """The direction of PCG64(SeedSequence(entropy)), tensor by tensor (`directions` and the seed pool's z_j)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
     for name, shape in shapes:
         if out is None:
             yield name, rng.standard_normal(shape, dtype=np.float32)
@@ -61,20 +67,22 @@ def directions(run_seed: int, step: int, i: int, shapes: list[tuple[str, tuple[i
 
 
 class DirectionCache:
-    """Regenerates z on demand (MeZO's memory saving) or keeps the current step's z when it is small."""
+    """Regenerates z on demand (MeZO's memory saving) or keeps the current step's z when it is small. With a
+    seed pool (runtime/seedpool.py), z of (run_seed, step, i) is the pool's z_j, j = pool.index(run_seed, step, i)."""
 
-    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], keep: bool):
+    def __init__(self, shapes: list[tuple[str, tuple[int, ...]]], keep: bool, pool=None):
         self.shapes = shapes
         self.keep = keep
+        self.pool = pool  # None, or an object with entropy(run_seed, step, i) -> the SeedSequence entropy of z
         self._key: tuple[int, int, int] | None = None
         self._z: list[tuple[str, np.ndarray]] = []
         self.scratch = Scratch()  # the perturbations' work buffers (and their regenerated z): never saved
 
     def __call__(self, run_seed: int, step: int, i: int) -> Iterator[tuple[str, np.ndarray]]:
         if not self.keep:
-            return directions(run_seed, step, i, self.shapes)
+            return self._directions(run_seed, step, i)
         if self._key != (run_seed, step, i):
-            self._z = list(directions(run_seed, step, i, self.shapes))
+            self._z = list(self._directions(run_seed, step, i))
             self._key = (run_seed, step, i)
         return iter(self._z)
 
@@ -84,15 +92,19 @@ class DirectionCache:
         lazily (into out's buffers when given; each is overwritten by the next)."""
         if self.keep and self._key == (run_seed, step, i):
             return iter(self._z)
-        return directions(run_seed, step, i, self.shapes, out)
+        return self._directions(run_seed, step, i, out)
 
     def streamed(self, run_seed: int, step: int, i: int) -> Iterator[tuple[str, np.ndarray]]:
         """z of (run_seed, step, i) for one pass tensor by tensor: the kept z (kept from here on when keeping),
         else regenerated into one reused buffer of the scratch (each overwritten by the next)."""
         if self.keep:
             return self(run_seed, step, i)
-        return directions(run_seed, step, i, self.shapes, out=lambda shape: self.scratch("z", shape))
+        return self._directions(run_seed, step, i, out=lambda shape: self.scratch("z", shape))
 
+    def _directions(self, run_seed: int, step: int, i: int, out=None) -> Iterator[tuple[str, np.ndarray]]:
+        if self.pool is None:
+            return directions(run_seed, step, i, self.shapes, out)
+        return seeded_directions(self.pool.entropy(run_seed, step, i), self.shapes, out)
 
 
 

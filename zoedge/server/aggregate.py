@@ -3,7 +3,9 @@
 Every listed patch passes the sanity bounds again (server/sanity.py; a patch stored before the bounds existed,
 or while the fleet was too small for the ratio check, can still be an outlier): one that does not is refused
 with a 400 naming it. Patches with the same adapter (the adapter and trajectory uploads of one run) count once;
-the global patch's metrics say which were left out as duplicates."""
+the global patch's metrics say which were left out as duplicates. Seed-pool patches (zoedge train --seed-pool)
+average their coefficient vectors and head starts instead, and the global patch carries the mean vector and the
+tensors it rebuilds to (runtime/seedpool.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from sqlalchemy.exc import IntegrityError
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.patchdoc import ADAPTER_FILE, PATCH_FILES, PatchDoc
-from zoedge.runtime.bundle import check_trainables
+from zoedge.runtime.bundle import Bundle as RuntimeBundle, check_trainables
+from zoedge.runtime import seedpool
 from zoedge.runtime.patch import write_patch
 from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.zo import ZOConfig
@@ -30,14 +33,7 @@ from zoedge.transfer import pack, unpack
 
 def fedavg(tensor_sets: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """Σ w_i θ_i / Σ w_i per tensor, accumulated in float64, returned as float32."""
-    total = float(sum(weights))
-    out = {}
-    for name in tensor_sets[0]:
-        acc = np.zeros(tensor_sets[0][name].shape, dtype=np.float64)
-        for tensors, w in zip(tensor_sets, weights):
-            acc += w * tensors[name].astype(np.float64)
-        out[name] = (acc / total).astype(np.float32)
-    return out
+    return {name: seedpool.weighted_mean([t[name] for t in tensor_sets], weights) for name in tensor_sets[0]}
 
 
 def one_per_run(patches: list[Patch]) -> tuple[list[Patch], dict[str, str]]:
@@ -88,15 +84,22 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
         metrics = {"duplicates": duplicates} if duplicates else {}
         cfg = ZOConfig()
         with state.blobs.temp_dir() as work:
-            prompts = {_doc_of(state, p, work).prompt_template for p in patches}
+            docs = [_doc_of(state, p, work) for p in patches]
+            prompts = {d.prompt_template for d in docs}
             if len(prompts) > 1:  # a head fitted through one prompt means nothing averaged with another's
                 raise ZoedgeError("aggregate: the patches were trained through different prompt templates")
-            # A global patch is an adapter, not a run: its trajectory is empty (replaying it gives the
-            # bundle's initial tensors), so it is always used through adapter_model.safetensors.
+            meta = {"kind": "global", "version": version, "parents": patch_ids, "steps": 0, "run_seed": 0,
+                    "zo": cfg.to_dict(), "examples": examples, "metrics": metrics, "prompt_template": prompts.pop()}
+            start, coefficients = {}, None
+            if any(d.seed_pool_k is not None for d in docs):  # the weighted mean of the coefficient vectors
+                averaged, start, coefficients, pool = seedpool.average(
+                    manifest, RuntimeBundle.open(state.bundle_dir(bundle), check_files=False).initial_trainables(),
+                    [work / f"doc-{p.id}" for p in patches], docs, [float(p.examples) for p in patches])
+                meta.update(pool)
+            # A global patch is an adapter, not a run: its trajectory is empty (replaying it gives the bundle's
+            # initial tensors), so it is used through adapter_model.safetensors, or rebuilt from its coefficients.
             doc = write_patch(work / "patch", manifest, averaged, np.zeros((0, cfg.perturbations + 1), np.float32),
-                              {}, {"kind": "global", "version": version, "parents": patch_ids, "steps": 0,
-                                   "run_seed": 0, "zo": cfg.to_dict(), "examples": examples, "metrics": metrics,
-                                   "prompt_template": prompts.pop()})
+                              start, meta, coefficients)
             archive = work / "patch.tar"
             sha, size = pack(work / "patch", archive)
             row = Patch(device_id=None, bundle_id=bundle_id, kind="global", sha256=sha, bytes=size,

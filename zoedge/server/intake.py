@@ -2,7 +2,9 @@
 the blobs and add the row. A rejected upload leaves no row and no blob.
 
 A patch must fit a published bundle (PatchDoc.check_fits: base, initial tensors, labels, trainables), its
-tensors must be finite, match adapter_sha256 and pass the sanity bounds (server/sanity.py)."""
+tensors must be finite, match adapter_sha256 and pass the sanity bounds (server/sanity.py).
+A seed-pool patch must come from the bundle's pool with the fleet's K (zoedge.constants.SEED_POOL_K); its adapter
+is rebuilt from its coefficients (and must equal the uploaded one, if any)."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from zoedge.constants import SEED_POOL_K
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import MANIFEST_FILE, Manifest
 from zoedge.patchdoc import ADAPTER_FILE, PATCH_FILE, PATCH_FILES, PatchDoc
 from zoedge.runtime.bundle import Bundle as RuntimeBundle, check_trainables
-from zoedge.runtime.patch import complete_patch_dir
+from zoedge.runtime.patch import complete_patch_dir, replay_patch
+from zoedge.runtime.seedpool import check_pool
 from zoedge.runtime.tensors import load_tensors, tensor_digest
 from zoedge.server import sanity
 from zoedge.server.models import Bundle, Patch
@@ -84,13 +88,18 @@ def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, 
             if expected_format and fmt != expected_format:
                 raise ZoedgeError(f"declared format {expected_format} but the archive is a {fmt} patch")
             bundle, manifest = _bundle_for(db, doc)
-            if fmt == "trajectory":  # replay against the bundle; serve the complete directory
+            if doc.seed_pool_k is not None:
+                check_pool(doc, manifest, SEED_POOL_K, "patch refused")
+            if fmt != "adapter":  # replay / rebuild against the bundle; serve the complete directory
                 complete_patch_dir(pdir, state.bundle_dir(bundle))
+            elif doc.seed_pool_k is not None and tensor_digest(replay_patch(pdir, state.bundle_dir(bundle))) != \
+                    doc.adapter_sha256:
+                raise ZoedgeError(f"the seed-pool coefficients do not rebuild the adapter of adapter_sha256 in {PATCH_FILE}")
             tensors = check_trainables(manifest, load_tensors(pdir / ADAPTER_FILE), f"patch refused: {ADAPTER_FILE}")
             if tensor_digest(tensors) != doc.adapter_sha256:
                 raise ZoedgeError(f"the adapter tensors do not match adapter_sha256 in {PATCH_FILE}")
             sanity.check_tensors(state.settings, tensors, sanity.fleet_norms(state, db, bundle.id), "patch refused")
-            if fmt == "trajectory":
+            if fmt != "adapter":
                 served = work / "complete.tar"
                 served_sha, _ = pack(pdir, served)
             else:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-PATCH_KINDS = ("adapter", "trajectory", "global")
+PATCH_KINDS = ("adapter", "trajectory", "coefficients", "global")
 
 
 def utcnow() -> datetime:

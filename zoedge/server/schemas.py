@@ -48,7 +48,7 @@ class PatchOut(BaseModel):
     patch_id: str = Field(validation_alias="id")
     device_id: Optional[str]
     bundle_id: str
-    kind: str = Field(description="adapter | trajectory (device uploads) | global (an aggregate)")
+    kind: str = Field(description="adapter | trajectory | coefficients (device uploads) | global (an aggregate)")
     sha256: str = Field(description="sha256 of the archive as uploaded: the idempotency key")
     bytes: int
     archive_sha256: str = Field(description="sha256 of the complete patch archive served at /archive")

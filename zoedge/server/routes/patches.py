@@ -18,19 +18,20 @@ from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.models import Patch
 from zoedge.server.schemas import PatchOut
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
-from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER
+from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, UPLOAD_FORMATS
 
 router = APIRouter(prefix="/patches", tags=["patches"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PatchOut, openapi_extra=RAW_ARCHIVE_BODY)
 async def upload_patch(request: Request, response: Response, state: StateDep, device: DeviceDep,
-                       format: Optional[Literal["adapter", "trajectory"]] = Query(
+                       format: Optional[Literal["adapter", "trajectory", "coefficients"]] = Query(
                            None, description=f"expected format (also header {FORMAT_HEADER}); default: detect")) -> Patch:
     """Upload a patch archive. `adapter`: patch.json + adapter_model.safetensors (+ adapter_config.json,
     start.safetensors). `trajectory`: patch.json + trajectory.npy (+ start.safetensors); the server replays
-    it against the bundle and stores the rebuilt adapter. The same archive again answers 200 with the
-    existing patch (uploads are idempotent by sha256)."""
+    it against the bundle and stores the rebuilt adapter. `coefficients` (a seed-pool patch): patch.json +
+    coefficients.npy (+ start.safetensors); the server rebuilds the adapter from the bundle's seed pool. The same
+    archive again answers 200 with the existing patch (uploads are idempotent by sha256)."""
     metrics = state.metrics
     wait = await run_in_threadpool(state.limiter.retry_after, device.id)
     if wait:
@@ -38,7 +39,7 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many uploads from this device; slow down",
                             headers={"Retry-After": str(int(wait) + 1)})
     expected = format or request.headers.get(FORMAT_HEADER) or None
-    if expected not in (None, "adapter", "trajectory"):
+    if expected not in (None, *UPLOAD_FORMATS):
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown patch format {expected!r}")
     with state.blobs.temp_file(".upload") as upload:
         try:
@@ -63,7 +64,7 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
 @router.get("", response_model=list[PatchOut])
 def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = None,
                  device_id: Optional[str] = None, version: Optional[int] = Query(None, ge=0, le=2**31 - 1),
-                 kind: Optional[Literal["adapter", "trajectory", "global"]] = None,
+                 kind: Optional[Literal["adapter", "trajectory", "coefficients", "global"]] = None,
                  limit: int = Query(1000, ge=1, le=10000)) -> list[Patch]:
     """Patches visible to the caller (a device: its own and the global ones; the admin: all), oldest first."""
     q = select(Patch)

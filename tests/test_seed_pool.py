@@ -1,0 +1,196 @@
+"""Seed-pool ZO (issue 16, FedKSeed): `zoedge train --seed-pool K` draws every direction from the bundle's pool of
+K seeds and its patch is K float32 coefficients; device, server and every other device rebuild θ0 − Σ c_j z_j
+bit-identically; the server averages coefficient vectors into the global version and refuses other pools."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from patch_factory import rewrite_doc
+from runtime_helpers import quiet, write_toy_split
+from server_conftest import backend, fleet  # noqa: F401
+from zoedge.constants import SEED_POOL_K
+from zoedge.device.client import FleetError
+from zoedge.device.outbox import Outbox
+from zoedge.errors import ZoedgeError
+from zoedge.manifest import Manifest
+from zoedge.patchdoc import COEFFICIENTS_FILE, PatchDoc
+from zoedge.runtime import objectives, seedpool
+from zoedge.runtime.config import resolve
+from zoedge.runtime.patch import ADAPTER_FILE, START_FILE, TRAJECTORY_FILE, complete_patch_dir, replay_patch
+from zoedge.runtime.tensors import load_tensors
+from zoedge.runtime.trainer import TrainConfig, train
+from zoedge.runtime.zo import DirectionCache, seeded_directions
+from zoedge.transfer import format_files, pack
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_split(tmp_path_factory.mktemp("seedpool"), 200, 60)
+
+
+def pool_cfg(**kw) -> TrainConfig:
+    base = dict(steps=20, batch_size=8, lr=1e-2, eps=1e-2, head_init="none", keep="last", checkpoint_every=0,
+                seed_pool=SEED_POOL_K)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def devices(tiny_bert_bundle, toy, tmp_path_factory):
+    """Two devices' seed-pool runs: a plain one, and one with a linear-probe head start (its start travels)."""
+    root = tmp_path_factory.mktemp("devices")
+    a = root / "a"
+    train(tiny_bert_bundle, toy[0], a, pool_cfg(seed=1), log=quiet)
+    b = root / "b"
+    train(tiny_bert_bundle, toy[0], b, pool_cfg(seed=2, head_init="lp", lp_examples=200, steps=12), log=quiet)
+    return a, b
+
+
+def equal(x: dict, y: dict) -> bool:
+    return sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
+
+
+# ---- the pool --------------------------------------------------------------------------------------------------
+def test_the_pool_is_the_bundles_and_its_directions_are_the_pool_seeds(tiny_bert_bundle):
+    m = Manifest.load(tiny_bert_bundle)
+    assert seedpool.pool_id(m) == seedpool.pool_id(Manifest.load(tiny_bert_bundle)) < 2**52
+    js = [seedpool.pool_index(0, s, i, 64) for s in range(1, 400) for i in range(2)]
+    assert min(js) >= 0 and max(js) < 64 and len(set(js)) == 64  # every seed of the pool gets drawn
+    assert js == [seedpool.pool_index(0, s, i, 64) for s in range(1, 400) for i in range(2)]
+    assert js != [seedpool.pool_index(1, s, i, 64) for s in range(1, 400) for i in range(2)]
+    shapes = [("a", (3, 4)), ("b", (5,))]
+    pool = seedpool.SeedPool(12345, 64)
+    for cache in (DirectionCache(shapes, keep=True, pool=pool), DirectionCache(shapes, keep=False, pool=pool)):
+        got = dict(cache(7, 3, 1))
+        want = dict(seeded_directions([12345, seedpool.pool_index(7, 3, 1, 64)], shapes))
+        assert equal(got, want)
+        assert not equal(dict(DirectionCache(shapes, keep=False)(7, 3, 1)), want)  # the default stream differs
+
+
+# ---- device ------------------------------------------------------------------------------------------------------
+def test_the_patch_is_k_coefficients_and_rebuilds_bit_exactly(devices, tiny_bert_bundle):
+    m = Manifest.load(tiny_bert_bundle)
+    for p in devices:
+        doc = PatchDoc.load(p)
+        assert (doc.seed_pool_id, doc.seed_pool_k) == (seedpool.pool_id(m), SEED_POOL_K)
+        assert not (p / TRAJECTORY_FILE).exists() and (p / COEFFICIENTS_FILE).stat().st_size == 128 + 4 * SEED_POOL_K
+        c = np.load(p / COEFFICIENTS_FILE)
+        assert c.dtype == np.float32 and 0 < np.count_nonzero(c) <= doc.steps
+        assert equal(load_tensors(p / ADAPTER_FILE), replay_patch(p, tiny_bert_bundle))
+    assert not (devices[0] / START_FILE).exists() and (devices[1] / START_FILE).is_file()  # the head start travels
+    carried = sum((devices[1] / n).stat().st_size for n in format_files(devices[1], "coefficients"))
+    assert carried < 8_000 < (devices[1] / ADAPTER_FILE).stat().st_size  # a few KB: patch.json, 4 KB, the head
+    upload = pack(devices[1], devices[1].parent / "b.tar", format_files(devices[1], "coefficients"))[1]
+    assert upload == 20_480  # the tar container pads to 10 KiB records
+
+
+def test_a_rolled_back_step_leaves_no_coefficient(tiny_bert_bundle, toy, tmp_path, monkeypatch):
+    """A NaN at step 13 rolls back to the step-10 snapshot: steps 11 and 12 run again at half the lr. The patch's
+    coefficients are those of the kept steps only (the last record of each step), not of every step that ran."""
+    calls = {"n": 0}
+    real = objectives.classification_loss
+
+    def flaky(objective, logits, y):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 2 * 13 - 1 else real(objective, logits, y)
+
+    monkeypatch.setattr(objectives, "classification_loss", flaky)
+    records: list[dict] = []
+    r = train(tiny_bert_bundle, toy[0], tmp_path / "p", pool_cfg(seed=5), log=quiet, on_step=records.append)
+    assert r["rollbacks"] == 1 and [x["step"] for x in records].count(11) == 2
+    kept = {x["step"]: [x["projected_grad"], x["lr"]] for x in records}  # a re-run step replaces its record
+    every = np.array([[x["projected_grad"], x["lr"]] for x in records], np.float32)
+    expect = seedpool.coefficients(np.array([kept[s] for s in sorted(kept)], np.float32), 5, SEED_POOL_K, 1)
+    got = np.load(tmp_path / "p" / COEFFICIENTS_FILE)
+    assert np.array_equal(got, expect)
+    assert not np.array_equal(got, seedpool.coefficients(every, 5, SEED_POOL_K, 1))
+    assert equal(load_tensors(tmp_path / "p" / ADAPTER_FILE), replay_patch(tmp_path / "p", tiny_bert_bundle))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"optimizer": "zo-adam"}, "--seed-pool needs --optimizer zo-sgd"),
+    ({"weight_decay": 0.1}, "--seed-pool does not take --weight-decay"),
+    ({"head_lr": 0.1}, "--seed-pool does not take --head-lr"),
+    ({"seed_pool": -4}, "bad --seed-pool -4"),
+])
+def test_settings_seed_pool_cannot_rebuild_are_refused(tiny_bert_bundle, setting, message):
+    with pytest.raises(ZoedgeError, match=message):
+        resolve(pool_cfg(**setting), Manifest.load(tiny_bert_bundle))
+
+
+def test_the_cli_refuses_them_in_one_line(tiny_bert_bundle, toy, tmp_path):
+    p = run_cli("train", tiny_bert_bundle, "--data", toy[0], "--out", tmp_path / "p", "--seed-pool", "64",
+                "--optimizer", "zo-momentum")
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "zoedge: error: --seed-pool needs --optimizer zo-sgd (a zo-momentum step is no sum of pool directions)"]
+
+
+def test_a_patch_whose_coefficients_were_edited_does_not_rebuild(devices, tiny_bert_bundle, tmp_path):
+    p = tmp_path / "p"
+    shutil.copytree(devices[0], p)
+    (p / ADAPTER_FILE).unlink()
+    c = np.load(p / COEFFICIENTS_FILE)
+    c[np.flatnonzero(c)[0]] *= 2
+    np.save(p / COEFFICIENTS_FILE, c)
+    with pytest.raises(ZoedgeError, match="does not match its sha256"):
+        complete_patch_dir(p, tiny_bert_bundle)
+
+
+# ---- server ------------------------------------------------------------------------------------------------------
+def test_server_rebuilds_the_devices_tensors_and_averages_the_vectors(fleet, devices, tmp_path):
+    (_, ta), (_, tb) = fleet.device("sp-a"), fleet.device("sp-b")
+    with fleet.client(ta) as ca, fleet.client(tb) as cb:
+        ra = ca.push(devices[0], "coefficients", Outbox(tmp_path / "oa"))
+        rb = cb.push(devices[1], "coefficients", Outbox(tmp_path / "ob"))
+    assert (ra["kind"], rb["kind"]) == ("coefficients", "coefficients") and max(ra["bytes"], rb["bytes"]) <= 20_480
+    with fleet.http(ta) as http:  # the server's rebuild is the device's adapter, bit for bit
+        (tmp_path / "a.safetensors").write_bytes(http.get(f"/v1/patches/{ra['patch_id']}/adapter").content)
+    assert equal(load_tensors(tmp_path / "a.safetensors"), load_tensors(devices[0] / ADAPTER_FILE))
+    with fleet.admin() as admin:
+        g = admin.aggregate(fleet.bundle_id, [ra["patch_id"], rb["patch_id"]])
+    with fleet.client(ta) as ca:
+        ca.pull(g["patch_id"], tmp_path / "global")
+    gdir = tmp_path / "global"
+    doc = PatchDoc.load(gdir)
+    assert (doc.kind, doc.seed_pool_k, doc.examples) == ("global", SEED_POOL_K, 400)
+    ca_, cb_ = np.load(devices[0] / COEFFICIENTS_FILE), np.load(devices[1] / COEFFICIENTS_FILE)
+    want = ((200 * ca_.astype(np.float64) + 200 * cb_.astype(np.float64)) / 400).astype(np.float32)
+    assert np.array_equal(np.load(gdir / COEFFICIENTS_FILE), want)  # the examples-weighted sum of the vectors
+    head_b = load_tensors(devices[1] / START_FILE)  # device a had no head start: its initial head counts
+    assert sorted(load_tensors(gdir / START_FILE)) == sorted(head_b)
+    # every device rebuilds the global from the pool alone, bit for bit
+    only = tmp_path / "rebuilt"
+    only.mkdir()
+    for name in format_files(gdir, "coefficients"):
+        shutil.copyfile(gdir / name, only / name)
+    complete_patch_dir(only, fleet.bundle_dir)
+    assert equal(load_tensors(only / ADAPTER_FILE), load_tensors(gdir / ADAPTER_FILE))
+    # and it is the FedAvg of the devices' tensors, up to float32 round-off
+    da, db, tg = (load_tensors(d / ADAPTER_FILE) for d in (devices[0], devices[1], gdir))
+    for k in tg:
+        np.testing.assert_allclose(tg[k], (da[k].astype(np.float64) + db[k]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_server_refuses_another_pool_or_size(fleet, tiny_bert_bundle, toy, tmp_path):
+    _, token = fleet.device("sp-c")
+    small = tmp_path / "k64"
+    train(tiny_bert_bundle, toy[0], small, pool_cfg(seed_pool=64, steps=4), log=quiet)
+    other = tmp_path / "other"
+    shutil.copytree(small, other)
+    rewrite_doc(other, seed_pool_k=SEED_POOL_K)
+    for patch, message in ((small, "this fleet's pool has 1024"), (other, "coefficients.npy must hold 1024")):
+        with fleet.client(token) as c, pytest.raises(FleetError, match=message) as e:
+            c.push(patch, "coefficients", Outbox(tmp_path / "o"))
+        assert e.value.status == 400
+    moved = tmp_path / "moved"
+    shutil.copytree(small, moved)
+    rewrite_doc(moved, seed_pool_id=7, seed_pool_k=64)
+    with fleet.client(token) as c, pytest.raises(FleetError, match="is not this bundle's pool") as e:
+        c.push(moved, "adapter", Outbox(tmp_path / "o2"))
+    assert e.value.status == 400
+    assert json.loads((small / "patch.json").read_text())["seed_pool_k"] == 64
