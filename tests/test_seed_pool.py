@@ -194,3 +194,22 @@ def test_server_refuses_another_pool_or_size(fleet, tiny_bert_bundle, toy, tmp_p
         c.push(moved, "adapter", Outbox(tmp_path / "o2"))
     assert e.value.status == 400
     assert json.loads((small / "patch.json").read_text())["seed_pool_k"] == 64
+
+
+def test_two_hard_batches_after_one_snapshot_do_not_roll_back_forever(tiny_bert_bundle, toy, tmp_path):
+    """Found with the seed pool (tiny-bert, lr 2e-2, head-init none, seed 0): blow-ups at steps 123 and 125 after
+    the step-120 snapshot. Step 123 became a hard batch after its retries, 125 then rolled back to 120, and 123
+    started its retries again, with the lr halved each time, forever. Now a hard batch stays one: the run ends,
+    with a patch or with the guard's one-line error."""
+    lines: list[str] = []
+
+    def log(message: str) -> None:
+        lines.append(message)
+        assert len(lines) < 200, f"the guard keeps rolling back: {lines[-3:]}"
+
+    try:
+        r = train(tiny_bert_bundle, toy[0], tmp_path / "p", pool_cfg(steps=200, lr=2e-2, seed=0), log=log)
+    except ZoedgeError as e:
+        assert str(e).startswith("training diverged 13 times in a row"), e
+        return
+    assert r["steps_run"] == 200

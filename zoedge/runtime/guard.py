@@ -43,7 +43,9 @@ def tensor_problem(tensors: dict[str, np.ndarray], limits: dict[str, float]) -> 
 
 def loss_problem(losses: list[float], grads: list[float], state: RunState, objective: str) -> str | None:
     """Why this step's losses say the state diverged, or None. A finite blow-up seen HARD_BATCH_RETRIES times
-    at the same step, each time with a smaller lr behind it, is a hard batch rather than a divergence."""
+    at the same step, each time with a smaller lr behind it, is a hard batch rather than a divergence, and stays
+    one (state.hard_steps): a later failure that rolls back before it must not start its retries again (two such
+    steps after one snapshot used to roll back in turn forever, the lr cut to nothing)."""
     if not all(math.isfinite(x) for x in losses + grads):
         return NONFINITE_LOSS
     ref = state.loss_floor
@@ -52,7 +54,10 @@ def loss_problem(losses: list[float], grads: list[float], state: RunState, objec
     low = min(losses)
     if low <= LOSS_BLOWUP_FACTOR * abs(ref) + 1.0:
         return None
+    if state.step + 1 in state.hard_steps:
+        return None
     if state.fail_step == state.step + 1 and state.fail_count >= HARD_BATCH_RETRIES:
+        state.hard_steps.append(state.step + 1)
         return None
     return f"loss {low:.4g} against a running mean of {ref:.4g}"
 

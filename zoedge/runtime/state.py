@@ -19,7 +19,7 @@ import numpy as np
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
-GUARD_FIELDS = ("lr_scale", "rollbacks", "failed_rollbacks", "fail_step", "fail_count")  # kept across a rollback
+GUARD_FIELDS = ("lr_scale", "rollbacks", "failed_rollbacks", "fail_step", "fail_count", "hard_steps")  # kept across a rollback
 
 
 @dataclass
@@ -53,6 +53,7 @@ class RunState:
     failed_rollbacks: int = 0  # rollbacks since the run last got past fail_step
     fail_step: int = 0  # the step that last diverged
     fail_count: int = 0  # consecutive loss blow-ups at fail_step
+    hard_steps: list[int] = field(default_factory=list)  # steps whose blow-up was taken for a hard batch, for good
 
     ARRAYS = ("tensors", "trajectory", "optimizer", "start", "best")
 
