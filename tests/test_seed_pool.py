@@ -141,6 +141,43 @@ def test_a_patch_whose_coefficients_were_edited_does_not_rebuild(devices, tiny_b
         complete_patch_dir(p, tiny_bert_bundle)
 
 
+def test_the_next_round_continues_the_globals_vector(devices, tiny_bert_bundle, toy, tmp_path):
+    """--seed-pool-from (the agent passes its pulled global): the run starts at the patch's tensors and head start,
+    its coefficients carry on from the patch's vector, and the new patch still rebuilds from the bundle alone."""
+    base = devices[1]  # a patch with a head start stands in for a global version
+    out = tmp_path / "round2"
+    r = train(tiny_bert_bundle, toy[0], out, pool_cfg(seed=9, steps=10, eval_every=10, seed_pool_from=str(base)),
+              eval_path=toy[1], log=quiet)
+    c0, c = np.load(base / COEFFICIENTS_FILE), np.load(out / COEFFICIENTS_FILE)
+    assert 0 < np.count_nonzero(c - c0) <= 10 and np.array_equal(c[c == c0], c0[c == c0])
+    assert equal(load_tensors(out / START_FILE), load_tensors(base / START_FILE))
+    assert equal(load_tensors(out / ADAPTER_FILE), replay_patch(out, tiny_bert_bundle))
+    start = r["history"][0]  # step 0 scores the base patch's tensors
+    assert start["step"] == 0 and r["eval_accuracy_start"] == start["eval_accuracy"]
+    for bad, message in ((dict(head_init="lp"), "not with --head-init lp"),
+                         (dict(seed_pool=0), "give the pool's --seed-pool K too"),
+                         (dict(seed_pool=64), "this run's pool has 64")):
+        with pytest.raises(ZoedgeError, match=message):
+            train(tiny_bert_bundle, toy[0], tmp_path / f"bad{len(message)}",
+                  pool_cfg(seed_pool_from=str(base), **bad), log=quiet)
+
+
+def test_an_agent_of_a_seed_pool_fleet_continues_the_global_without_rebasing(devices, tiny_bert_bundle, toy, tmp_path):
+    from zoedge.device.agent import Agent
+    from zoedge.device.agent_config import AgentConfig
+
+    cfg = AgentConfig(server="http://127.0.0.1:9", bundle=tiny_bert_bundle, data=toy[0], state_dir=tmp_path / "s",
+                      format="coefficients", train={"seed_pool": SEED_POOL_K, "steps": 4, "batch_size": 8})
+    shutil.copytree(devices[0], tmp_path / "s" / "global" / "g1")
+    (tmp_path / "s" / "runs" / "r").mkdir(parents=True)
+    patch = Agent(cfg, out=open(tmp_path / "events.jsonl", "w")).train(tmp_path / "s" / "runs" / "r", toy[0], "g1")
+    assert patch == tmp_path / "s" / "runs" / "r" / "patch"
+    doc = PatchDoc.load(patch)
+    assert doc.bundle_id == Manifest.load(tiny_bert_bundle).bundle_id and doc.hyperparameters["head_init"] == "none"
+    assert doc.hyperparameters["seed_pool_from"] == str(tmp_path / "s" / "global" / "g1")
+    assert equal(load_tensors(patch / ADAPTER_FILE), replay_patch(patch, tiny_bert_bundle))
+
+
 # ---- server ------------------------------------------------------------------------------------------------------
 def test_server_rebuilds_the_devices_tensors_and_averages_the_vectors(fleet, devices, tmp_path):
     (_, ta), (_, tb) = fleet.device("sp-a"), fleet.device("sp-b")

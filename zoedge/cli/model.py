@@ -152,6 +152,7 @@ def train(
     checkpoint_every: int = _train_option('checkpoint_every'),
     seed: int = _train_option('seed'),
     seed_pool: int = _train_option('seed_pool'),
+    seed_pool_from: Optional[str] = _train_option('seed_pool_from'),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out; start fresh when there is none "
                                                         "(one fixed command line survives a kill at any moment)"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: training loss and eval accuracy per step, the start "

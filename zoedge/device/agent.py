@@ -217,7 +217,10 @@ class Agent:
 
         overrides: dict[str, Any] = {}
         bundle = self.cfg.bundle
-        if global_id:
+        rebase = bool(global_id) and not self.cfg.train.get("seed_pool")
+        if global_id and not rebase:  # a seed-pool fleet: continue the global's coefficient vector on the bundle
+            overrides.update(seed_pool_from=str(self.state / "global" / global_id), head_init="none")
+        elif global_id:
             bundle = derive_bundle(self.cfg.bundle, self.state / "global" / global_id, self.state / "derived" / global_id)
             overrides.setdefault("head_init", "none")  # refine the shared head rather than refit it
         overrides.update(self.cfg.train)
@@ -246,7 +249,7 @@ class Agent:
         summary = {k: result.get(k) for k in ("steps", "steps_run", "seconds", "eval_accuracy_start",
                                               "eval_accuracy_head_start", "eval_accuracy", "peak_rss_mb")}
         self.event("train_done", run=run.name, **summary)
-        if not global_id:
+        if not rebase:
             return run / "patch"
         rebase_patch(run / "patch", bundle, self.cfg.bundle, run / "push")
         return run / "push"

@@ -51,6 +51,9 @@ class TrainConfig:
     seed_pool: int = _f(0, "K > 0: draw every direction from the bundle's pool of K seeds, shared by the fleet "
                            f"(FedKSeed; the fleet server takes {SEED_POOL_K}): the patch is K float32 coefficients "
                            "(zo-sgd only; no --batched, --weight-decay or --head-lr); 0: off")
+    seed_pool_from: str | None = _f(None, "With --seed-pool: a seed-pool patch of this bundle (the global version) "
+                                          "to continue: training starts at its tensors and head, and its "
+                                          "coefficients carry into this patch's")
 
 
 # Settings that do not change the trajectory: a resumed run may differ in these (peft's runtime_config).
@@ -84,7 +87,7 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
     cfg.eps = d["eps"] if cfg.eps is None else cfg.eps
     cfg.steps = d["steps"] if cfg.steps is None else cfg.steps
     cfg.objective = cfg.objective or d["objective"]
-    cfg.head_init = cfg.head_init or d.get("head_init", "none")
+    cfg.head_init = cfg.head_init or ("none" if cfg.seed_pool_from else d.get("head_init", "none"))
     cfg.lp_examples = d.get("lp_examples", 30000) if cfg.lp_examples is None else cfg.lp_examples
     if cfg.prompt is not None and cfg.prompt != "auto":
         if not (m.kind == "decoder" and m.task == "classify"):
@@ -145,6 +148,10 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
 
 def _check_seed_pool(cfg: TrainConfig) -> None:
     """Seed-pool mode rebuilds θ0 − Σ c_j z_j: only plain SGD steps on the ZO-moved tensors add up to that."""
+    if cfg.seed_pool_from and not cfg.seed_pool:
+        raise ZoedgeError("--seed-pool-from continues a seed-pool patch: give the pool's --seed-pool K too")
+    if cfg.seed_pool_from and cfg.head_init != "none":
+        raise ZoedgeError("--seed-pool-from continues the patch's head: not with --head-init lp")
     if not cfg.seed_pool:
         return
     if not 1 <= cfg.seed_pool <= MAX_SEED_POOL_K:

@@ -51,7 +51,9 @@ def write_result(run: Run, t0: float) -> dict:
     coefficients = None
     if cfg.seed_pool:  # the patch is θ0 − Σ c_j z_j, rebuilt as every other copy of it is (runtime/seedpool.py)
         pool = run.dirs.pool
-        coefficients = seedpool.coefficients(state.trajectory[:final_step], cfg.seed, pool.k, cfg.perturbations)
+        base = seedpool.load_coefficients(cfg.seed_pool_from, pool.k) if cfg.seed_pool_from else None
+        coefficients = seedpool.coefficients(state.trajectory[:final_step], cfg.seed, pool.k, cfg.perturbations,
+                                             base=base)
         final = {**run.bundle.initial_trainables(), **{k: v.copy() for k, v in start.items()}}
         seedpool.rebuild(run.zo_cfg.select(final, run.roles), pool.id, coefficients)
         meta.update(seed_pool_id=pool.id, seed_pool_k=pool.k)

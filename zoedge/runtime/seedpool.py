@@ -20,6 +20,10 @@ pool of K seeds that every device of a fleet shares, so a zo-sgd run's whole upd
 * Aggregation: the global vector is `weighted_mean` of the devices' vectors (weights = examples; float64, then
   float32), and their head starts are averaged the same way: the rebuild is linear in (θ0, c), so the global
   tensors are the devices' FedAvg up to round-off.
+* The next round (`--seed-pool-from GLOBAL`, `continue_from`): a device starts at the global's tensors (its start
+  laid over the bundle's initial values, rebuilt from its vector, checked against its adapter_sha256) and keeps
+  its start; its coefficients start from the global's vector, so its patch is again θ0 − Σ c_j z_j from the
+  bundle and the next aggregate is the global's vector plus the devices' mean steps.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import numpy as np
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.patchdoc import COEFFICIENTS_FILE, PATCH_FILE, START_FILE, PatchDoc
-from zoedge.runtime.tensors import load_tensors
+from zoedge.runtime.tensors import load_tensors, tensor_digest
 from zoedge.runtime.zo import Scratch, ZOConfig, seeded_directions
+from zoedge.transfer import read_patch_doc
 
 INDEX_TAG = 0x5EED9001  # keeps the seed-index stream apart from the minibatch stream (SeedSequence([.., 0x5EED]))
 GENERATOR = "numpy.PCG64(SeedSequence([pool_id, j])).standard_normal(float32), j = pool_index(run_seed, step, i, K)"
@@ -63,9 +68,11 @@ class SeedPool:
         return [self.id, pool_index(run_seed, step, i, self.k)]
 
 
-def coefficients(trajectory: np.ndarray, run_seed: int, k: int, q: int, first_step: int = 1) -> np.ndarray:
-    """c (float32, (k,)) of a zo-sgd trajectory of rows [g_1..g_q, lr]: θ = θ0 − Σ_j c_j z_j."""
-    c = np.zeros(k, np.float32)
+def coefficients(trajectory: np.ndarray, run_seed: int, k: int, q: int, first_step: int = 1,
+                 base: np.ndarray | None = None) -> np.ndarray:
+    """c (float32, (k,)) of a zo-sgd trajectory of rows [g_1..g_q, lr], accumulated onto a copy of base (the
+    vector the run continued; default zeros): θ = θ0 − Σ_j c_j z_j."""
+    c = np.zeros(k, np.float32) if base is None else np.array(base, np.float32)
     inv_q = np.float32(1.0 / q)
     for s, row in enumerate(np.asarray(trajectory, dtype=np.float32)):
         lr = row[q]
@@ -95,13 +102,14 @@ def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
     return (acc / float(sum(weights))).astype(np.float32)
 
 
-def check_pool(doc: PatchDoc, m: Manifest, fleet_k: int | None = None, where: str = PATCH_FILE) -> None:
+def check_pool(doc: PatchDoc, m: Manifest, fleet_k: int | None = None, where: str = PATCH_FILE,
+               whose: str = "this fleet's pool") -> None:
     """A seed-pool patch's pool must be the bundle's (and hold fleet_k seeds, when given); one-line errors."""
     if doc.seed_pool_id != pool_id(m):
         raise ZoedgeError(f"{where}: seed pool {doc.seed_pool_id} is not this bundle's pool {pool_id(m)} (its "
                           "directions come from other initial trainables)")
     if fleet_k is not None and doc.seed_pool_k != fleet_k:
-        raise ZoedgeError(f"{where}: a seed pool of {doc.seed_pool_k} seeds; this fleet's pool has {fleet_k} "
+        raise ZoedgeError(f"{where}: a seed pool of {doc.seed_pool_k} seeds; {whose} has {fleet_k} "
                           f"(train with --seed-pool {fleet_k})")
 
 
@@ -142,3 +150,27 @@ def average(m: Manifest, initial: dict[str, np.ndarray], patch_dirs: list[Path],
     tensors = {**{n: v.copy() for n, v in initial.items()}, **{n: v.copy() for n, v in start.items()}}
     rebuild(zo.select(tensors, {t.name: t.role for t in m.trainables}), pool, c)
     return tensors, start, c, {"seed_pool_id": pool, "seed_pool_k": k, "zo": zo.to_dict()}
+
+
+def continue_from(patch_dir: str | Path, m: Manifest, tensors: dict[str, np.ndarray], pool: SeedPool,
+                  zo: ZOConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Set the live `tensors` (in place) to the seed-pool patch's, rebuilt from the bundle's initial values;
+    (its start tensors, its coefficients). Refused in one line unless it is a patch of this bundle's pool of
+    pool.k seeds over the same trained roles whose rebuild gives its adapter_sha256."""
+    where = f"--seed-pool-from {patch_dir}"
+    doc = read_patch_doc(patch_dir, require_all=False)
+    doc.check_fits(m, where)
+    if doc.seed_pool_k is None:
+        raise ZoedgeError(f"{where}: not a seed-pool patch (no coefficients to continue)")
+    check_pool(doc, m, pool.k, where, "this run's pool")
+    if (doc.zo or {}).get("roles") != zo.roles:
+        raise ZoedgeError(f"{where}: it trained roles {(doc.zo or {}).get('roles')}, this run {zo.roles}")
+    c = load_coefficients(patch_dir, pool.k)
+    start_path = Path(patch_dir) / START_FILE
+    start = {k: v for k, v in (load_tensors(start_path) if start_path.is_file() else {}).items() if k in tensors}
+    for k, v in start.items():
+        np.copyto(tensors[k], v)
+    rebuild(zo.select(tensors, {t.name: t.role for t in m.trainables}), pool.id, c)
+    if tensor_digest(tensors) != doc.adapter_sha256:
+        raise ZoedgeError(f"{where}: its coefficients do not rebuild the tensors of its adapter_sha256")
+    return start, c

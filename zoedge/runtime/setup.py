@@ -24,7 +24,7 @@ from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.head_start import head_start
 from zoedge.runtime.memory import parse_size, plan_training_batch
 from zoedge.runtime.patch import PATCH_FILE, PATCH_FILES
-from zoedge.runtime.seedpool import SeedPool, pool_id
+from zoedge.runtime.seedpool import SeedPool, continue_from, pool_id
 from zoedge.runtime.state import RunState
 from zoedge.runtime.zo import DirectionCache, OptimizerState, ZOConfig
 
@@ -105,6 +105,8 @@ def open_run(bundle: Bundle, cfg: TrainConfig, out: Path, mode: str, data: str |
         if cfg.max_memory:  # planned once; a resumed run keeps the batch (it is part of the trajectory)
             state.batch = plan_training_batch(fwd, m, parse_size(cfg.max_memory) / 2**20, cfg.batch_size,
                                               moved_bytes, cfg.optimizer, log)
+        if cfg.seed_pool_from:  # the next round: start at the global's tensors; its head start stays the start
+            state.start = continue_from(cfg.seed_pool_from, m, tensors, pool, zo_cfg)[0]
         _start(state, m, bundle, evaluator, train_set, eval_set, cfg, log)
         out.mkdir(parents=True, exist_ok=True)
         if cfg.checkpoint_every:
