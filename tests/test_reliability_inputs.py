@@ -168,11 +168,14 @@ def extra_trainable(ctx: Ctx) -> Path:
     def edit(m: dict) -> None:
         m["trainables"].append({**m["trainables"][0], "name": "extra.weight", "peft_key": "extra.weight",
                                 "shape": [2]})
+        m.pop("lineage")  # as a manifest older than lineage: the graph check must catch it
     return derive_bundle(ctx, edit, {"trainable.safetensors": st_bytes(t)})
 
 
-def wrong_shape(m: dict) -> None:
+def wrong_shape(m: dict, keep_lineage: bool = False) -> None:
     m["trainables"][0]["shape"] = [d + 1 for d in m["trainables"][0]["shape"]]
+    if not keep_lineage:
+        m.pop("lineage")  # as a manifest older than lineage: the tensor check must catch it
 
 
 def set_(key, value):
@@ -209,6 +212,7 @@ CASES: list[tuple[str, Callable[[Ctx], list], str, str | None]] = [
     ("bundle-onnx-sha-mismatch", lambda c: eval_(c, derive_bundle(c, files={"model.onnx": (c.bundle / "model.onnx").read_bytes()[:-1] + b"\0"}, rehash=False)), "does not match its sha256", None),
     ("bundle-missing-model", lambda c: train(c, c.good, derive_bundle(c, files={"model.onnx": None})), "missing bundle file model.onnx", None),
     ("bundle-manifest-wrong-shape", lambda c: train(c, c.good, derive_bundle(c, wrong_shape)), "manifest says", None),
+    ("bundle-manifest-lineage-mismatch", lambda c: train(c, c.good, derive_bundle(c, lambda m: wrong_shape(m, True))), "lineage.trainables_sha256 does not match", None),
     ("bundle-manifest-wrong-sha256", lambda c: eval_(c, derive_bundle(c, lambda m: m["files"].__setitem__("trainable.safetensors", "0" * 64))), "does not match its sha256", None),
     ("bundle-manifest-unknown-schema", lambda c: eval_(c, derive_bundle(c, set_("schema_version", 99))), "unsupported schema version", None),
     ("inspect-unknown-schema", lambda c: ["inspect", derive_bundle(c, set_("schema_version", "2"))], "unsupported schema version", None),

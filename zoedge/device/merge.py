@@ -20,7 +20,7 @@ from pathlib import Path
 
 from zoedge.errors import ZoedgeError
 from zoedge.fsio import mkdtemp_in
-from zoedge.manifest import TOKENIZER_FILE, Manifest, sha256_file
+from zoedge.manifest import TOKENIZER_FILE, Manifest, sha256_file, trainables_sha256
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.patch import load_patch
 from zoedge.runtime.tensors import tensor_digest
@@ -65,6 +65,7 @@ def merge_patch(bundle_dir: str | Path, patch_dir: str | Path, out: str | Path) 
         merged = dataclasses.replace(
             m, trainables=[], trainable_kinds=[], lora=None, copies=0, files={}, bundle_id=uuid.uuid4().hex,
             initial_sha256=tensor_digest({}),
+            lineage=dataclasses.replace(m.lineage, trainables_sha256=trainables_sha256([])),  # trains nothing
             prompt_template=doc.prompt_template or m.prompt_template, prompt_candidates=[],
             merged_from={"bundle_id": m.bundle_id, "patch_adapter_sha256": doc.adapter_sha256,
                          "patch_kind": doc.kind, "patch_version": doc.version})

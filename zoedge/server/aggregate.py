@@ -3,9 +3,10 @@
 Every listed patch passes the sanity bounds again (server/sanity.py; a patch stored before the bounds existed,
 or while the fleet was too small for the ratio check, can still be an outlier): one that does not is refused
 with a 400 naming it. Patches with the same adapter (the adapter and trajectory uploads of one run) count once;
-the global patch's metrics say which were left out as duplicates. Seed-pool patches (zoedge train --seed-pool)
-average their coefficient vectors and head starts instead, and the global patch carries the mean vector and the
-tensors it rebuilds to (runtime/seedpool.py)."""
+the global patch's metrics say which were left out as duplicates. The patches may come from any sibling of the
+bundle (server/siblings.py); the global patch is kept under the group's first published bundle. Seed-pool
+patches (zoedge train --seed-pool) average their coefficient vectors and head starts instead, and the global
+patch carries the mean vector and the tensors it rebuilds to (runtime/seedpool.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from zoedge.server import sanity
 from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.intake import latest_global_version
 from zoedge.server.models import Bundle, Patch
+from zoedge.server.siblings import group, group_head
 from zoedge.server.state import ServerState
 from zoedge.transfer import pack, unpack
 
@@ -53,6 +55,8 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
         bundle = by_id_or_prefix(db, Bundle, bundle_id, "bundle")  # ids or unique prefixes, as git takes them
         if bundle is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bundle {bundle_id}")
+        members = {b.id for b in group(db, bundle)}
+        bundle = group_head(db, bundle)
         bundle_id = bundle.id
         patches = []
         for ident in patch_ids:
@@ -64,8 +68,9 @@ def aggregate(state: ServerState, bundle_id: str, patch_ids: list[str]) -> Patch
         if len(set(patch_ids)) != len(patch_ids):
             raise ZoedgeError("aggregate: a patch is listed twice")
         for p in patches:
-            if p.bundle_id != bundle_id:
-                raise ZoedgeError(f"aggregate: patch {p.id} belongs to bundle {p.bundle_id}, not {bundle_id}")
+            if p.bundle_id not in members:
+                raise ZoedgeError(f"aggregate: patch {p.id} belongs to bundle {p.bundle_id}, which is neither "
+                                  f"{bundle_id} nor a sibling of it")
             if p.examples <= 0:
                 raise ZoedgeError(f"aggregate: patch {p.id} reports no training examples (cannot weight it)")
         patches, duplicates = one_per_run(patches)

@@ -2,7 +2,8 @@
 the blobs and add the row. A rejected upload leaves no row and no blob.
 
 A patch must fit a published bundle (PatchDoc.check_fits: base, initial tensors, labels, trainables), its
-tensors must be finite, match adapter_sha256 and pass the sanity bounds (server/sanity.py).
+tensors must be finite, match adapter_sha256 and pass the sanity bounds (server/sanity.py). It may be pushed for
+any sibling of the bundle it was trained on (server/siblings.py); a bundle it does not fit refuses it (422).
 A seed-pool patch must come from the bundle's pool with the fleet's K (zoedge.constants.SEED_POOL_K); its adapter
 is rebuilt from its coefficients (and must equal the uploaded one, if any)."""
 
@@ -28,6 +29,7 @@ from zoedge.runtime.seedpool import check_pool
 from zoedge.runtime.tensors import load_tensors, tensor_digest
 from zoedge.server import sanity
 from zoedge.server.models import Bundle, Patch
+from zoedge.server.siblings import fit_target, group_ids
 from zoedge.server.state import ServerState
 from zoedge.transfer import inspect_patch_dir, pack, unpack
 
@@ -61,7 +63,8 @@ def ingest_bundle(state: ServerState, upload: Path, sha256: str, size: int) -> t
             if not target.exists():
                 os.rename(work / "b", target)
             row = Bundle(id=manifest.bundle_id, model_id=manifest.model_id, base_sha256=manifest.base_sha256,
-                         initial_sha256=manifest.initial_sha256, manifest=manifest.to_dict(), sha256=sha256,
+                         initial_sha256=manifest.initial_sha256, sibling_key=manifest.sibling_key,
+                         manifest=manifest.to_dict(), sha256=sha256,
                          bytes=size)
             db.add(row)
             try:
@@ -74,11 +77,16 @@ def ingest_bundle(state: ServerState, upload: Path, sha256: str, size: int) -> t
 
 # ---- patches ----------------------------------------------------------------------------------------
 def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, size: int,
-                 expected_format: Optional[str] = None) -> tuple[Patch, bool]:
-    """Check an uploaded patch archive and store it; (row, created). Idempotent by the archive's sha256."""
+                 expected_format: Optional[str] = None, target: Optional[str] = None) -> tuple[Patch, bool]:
+    """Check an uploaded patch archive and store it; (row, created). Idempotent by the archive's sha256.
+    target: the bundle it is pushed for (the one it was trained on or a sibling); default: the one it names."""
     with state.sessions() as db:
+        target_row = _target(db, target)
         existing = _existing_patch(db, sha256, device_id)
         if existing is not None:
+            if target_row is not None and existing.bundle_id not in group_ids(db, target_row.id):
+                raise HTTPException(status.HTTP_409_CONFLICT, f"this patch is stored for bundle {existing.bundle_id}, "
+                                                              f"which is no sibling of bundle {target_row.id}")
             return existing, False
         db.commit()  # no connection held while unpacking / replaying (seconds for a trajectory patch)
         with state.blobs.temp_dir() as work:
@@ -87,7 +95,7 @@ def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, 
             doc, fmt = inspect_patch_dir(pdir)
             if expected_format and fmt != expected_format:
                 raise ZoedgeError(f"declared format {expected_format} but the archive is a {fmt} patch")
-            bundle, manifest = _bundle_for(db, doc)
+            bundle, manifest = (target_row, fit_target(db, doc, target_row)) if target_row else _bundle_for(db, doc)
             if doc.seed_pool_k is not None:
                 check_pool(doc, manifest, SEED_POOL_K, "patch refused")
             if fmt != "adapter":  # replay / rebuild against the bundle; serve the complete directory
@@ -122,6 +130,15 @@ def ingest_patch(state: ServerState, device_id: str, upload: Path, sha256: str, 
                 raise
             return existing, False
         return row, True
+
+
+def _target(db: Session, bundle_id: Optional[str]) -> Optional[Bundle]:
+    if not bundle_id:
+        return None
+    row = db.get(Bundle, bundle_id)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no bundle {bundle_id[:80]} to store the patch for")
+    return row
 
 
 def _existing_patch(db: Session, sha256: str, device_id: str) -> Optional[Patch]:
@@ -161,5 +178,6 @@ def _bundle_for(db: Session, doc: PatchDoc) -> tuple[Bundle, Manifest]:
 
 
 def latest_global_version(db: Session, bundle_id: str) -> int:
+    """The newest global version of the bundle's sibling group (0: none yet)."""
     return db.scalar(select(func.coalesce(func.max(Patch.version), 0))
-                     .where(Patch.bundle_id == bundle_id, Patch.kind == "global")) or 0
+                     .where(Patch.bundle_id.in_(group_ids(db, bundle_id)), Patch.kind == "global")) or 0

@@ -40,6 +40,8 @@ class Bundle(Base):
     model_id: Mapped[str] = mapped_column(String(200))
     base_sha256: Mapped[str] = mapped_column(String(64), index=True)
     initial_sha256: Mapped[str] = mapped_column(String(64))
+    # the manifest's sibling_key: bundles sharing it are siblings, one patch history (server/siblings.py)
+    sibling_key: Mapped[Optional[str]] = mapped_column(String(64), index=True)
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     sha256: Mapped[str] = mapped_column(String(64))  # the archive blob
     bytes: Mapped[int] = mapped_column(BigInteger)

@@ -20,6 +20,7 @@ from zoedge.errors import ZoedgeError
 from zoedge.runtime.tensors import load_tensors, peak_abs
 from zoedge.server.models import Patch
 from zoedge.server.settings import Settings
+from zoedge.server.siblings import group_ids
 from zoedge.server.state import ServerState
 
 FLEET_WINDOW = 200  # the most recent device patches of a bundle that make its fleet
@@ -39,10 +40,10 @@ def _blob_norms(path: str) -> tuple[tuple[str, float], ...]:
 
 
 def fleet_norms(state: ServerState, db: Session, bundle_id: str) -> list[tuple[str, Norms]]:
-    """(adapter_sha256, norms) of the bundle's accepted device patches, newest first, one per distinct adapter
-    (the adapter and trajectory uploads of one run count once)."""
+    """(adapter_sha256, norms) of the accepted device patches of the bundle and its siblings, newest first, one per
+    distinct adapter (the adapter and trajectory uploads of one run count once)."""
     rows = db.execute(select(Patch.adapter_sha256, Patch.adapter_blob)
-                      .where(Patch.bundle_id == bundle_id, Patch.kind != "global")
+                      .where(Patch.bundle_id.in_(group_ids(db, bundle_id)), Patch.kind != "global")
                       .order_by(Patch.created.desc()).limit(FLEET_WINDOW)).all()
     seen: set[str] = set()
     out = []

@@ -34,6 +34,8 @@ class BundleOut(BaseModel):
     model_id: str
     base_sha256: str
     initial_sha256: str
+    sibling_key: Optional[str] = Field(None, description="bundles with the same key are siblings: exports of one "
+                                       "base with the same trainables, which share their patches")
     sha256: str = Field(description="sha256 of the bundle archive served at /archive")
     bytes: int
     created: UtcDatetime

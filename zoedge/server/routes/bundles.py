@@ -15,6 +15,7 @@ from zoedge.server.intake import ingest_bundle
 from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.models import Bundle, Patch
 from zoedge.server.schemas import AggregateRequest, BundleDetail, BundleOut, PatchOut
+from zoedge.server.siblings import group
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
 from zoedge.transfer import SHA256_HEADER
 
@@ -52,6 +53,13 @@ def get_bundle(bundle_id: str, db: SessionDep, _: CallerDep) -> Bundle:
     return bundle_by_id(db, bundle_id)
 
 
+@router.get("/{bundle_id}/siblings", response_model=list[BundleOut])
+def list_siblings(bundle_id: str, db: SessionDep, _: CallerDep) -> list[Bundle]:
+    """The bundle's sibling group, itself included, first published first: the bundles exported from the same base
+    with the same trainables (other quantization, format, target), which share its patches."""
+    return group(db, bundle_by_id(db, bundle_id))
+
+
 @router.get("/{bundle_id}/archive", response_class=FileResponse)
 def download_bundle(bundle_id: str, db: SessionDep, state: StateDep, _: CallerDep) -> Response:
     bundle = bundle_by_id(db, bundle_id)
@@ -62,5 +70,6 @@ def download_bundle(bundle_id: str, db: SessionDep, state: StateDep, _: CallerDe
 @router.post("/{bundle_id}/aggregate", status_code=status.HTTP_201_CREATED, response_model=PatchOut)
 def aggregate_patches(bundle_id: str, body: AggregateRequest, state: StateDep, _: AdminDep) -> Patch:
     """FedAvg of the listed patches' adapter tensors, weighted by their training examples: a new global
-    patch whose version is the bundle's previous global version + 1."""
+    patch whose version is the bundle's previous global version + 1. The patches may be any siblings'; the global
+    patch is kept under the first published bundle of the sibling group."""
     return aggregate(state, bundle_id, body.patch_ids)

@@ -17,16 +17,20 @@ from zoedge.server.intake import ingest_patch
 from zoedge.server.lookup import by_id_or_prefix
 from zoedge.server.models import Patch
 from zoedge.server.schemas import PatchOut
+from zoedge.server.siblings import group_ids
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
 from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, UPLOAD_FORMATS
 
 router = APIRouter(prefix="/patches", tags=["patches"])
+SIBLING_TARGET = ("store the patch for this bundle: the one it was trained on or a sibling (same base, trainables, "
+                  "initial tensors, labels); one it does not fit answers 422. Default: the bundle patch.json names")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=PatchOut, openapi_extra=RAW_ARCHIVE_BODY)
 async def upload_patch(request: Request, response: Response, state: StateDep, device: DeviceDep,
                        format: Optional[Literal["adapter", "trajectory", "coefficients"]] = Query(
-                           None, description=f"expected format (also header {FORMAT_HEADER}); default: detect")) -> Patch:
+                           None, description=f"expected format (also header {FORMAT_HEADER}); default: detect"),
+                       bundle_id: Optional[str] = Query(None, max_length=64, description=SIBLING_TARGET)) -> Patch:
     """Upload a patch archive. `adapter`: patch.json + adapter_model.safetensors (+ adapter_config.json,
     start.safetensors). `trajectory`: patch.json + trajectory.npy (+ start.safetensors); the server replays
     it against the bundle and stores the rebuilt adapter. `coefficients` (a seed-pool patch): patch.json +
@@ -49,7 +53,8 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
             raise
         try:
             check_declared_sha256(request, sha, required=True)
-            patch, created = await run_in_threadpool(ingest_patch, state, device.id, upload, sha, size, expected)
+            patch, created = await run_in_threadpool(ingest_patch, state, device.id, upload, sha, size, expected,
+                                                     bundle_id)
         except (HTTPException, ZoedgeError):
             await run_in_threadpool(metrics.count_upload, "rejected", size)
             raise
@@ -62,16 +67,18 @@ async def upload_patch(request: Request, response: Response, state: StateDep, de
 
 
 @router.get("", response_model=list[PatchOut])
-def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = None,
+def list_patches(db: SessionDep, caller: CallerDep, bundle_id: Optional[str] = None, siblings: bool = Query(
+                     True, description="with bundle_id: also the patches of its sibling bundles (one history)"),
                  device_id: Optional[str] = None, version: Optional[int] = Query(None, ge=0, le=2**31 - 1),
                  kind: Optional[Literal["adapter", "trajectory", "coefficients", "global"]] = None,
                  limit: int = Query(1000, ge=1, le=10000)) -> list[Patch]:
-    """Patches visible to the caller (a device: its own and the global ones; the admin: all), oldest first."""
+    """Patches visible to the caller (a device: its own and the global ones; the admin: all), oldest first.
+    A bundle's patches are those of its sibling group unless siblings=false."""
     q = select(Patch)
     if not caller.admin:
         q = q.where(or_(Patch.device_id == caller.device.id, Patch.device_id.is_(None)))
     if bundle_id is not None:
-        q = q.where(Patch.bundle_id == bundle_id)
+        q = q.where(Patch.bundle_id.in_(group_ids(db, bundle_id)) if siblings else Patch.bundle_id == bundle_id)
     if device_id is not None:
         q = q.where(Patch.device_id == device_id)
     if version is not None:
