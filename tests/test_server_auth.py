@@ -41,6 +41,7 @@ def routes(fleet, d):
         ("GET", "/v1/bundles", {}, "any"),
         ("GET", f"/v1/bundles/{b}", {}, "any"),
         ("GET", f"/v1/bundles/{b}/archive", {}, "any"),
+        ("GET", f"/v1/bundles/{b}/siblings", {}, "any"),
         ("POST", f"/v1/bundles/{b}/aggregate", {"json": {"patch_ids": [a_patch]}}, "admin"),
         ("POST", "/v1/patches", {"content": b"x", "headers": {"X-Zoedge-Sha256": hashlib.sha256(b"x").hexdigest()}},
          "device"),
