@@ -139,6 +139,7 @@ def test_ort_format_bundle(tmp_path):
     assert r["max_abs_diff"] <= 1e-4 and r["prediction_agreement"] == 1.0
 
 
+@pytest.mark.slow  # tens of seconds of quantization passes: `make test-slow` (default run < 5 min)
 def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
     plain = Manifest.load(export_tiny(tmp_path / "a", "tiny-bert", "--quant", "int8"))
     kept = Manifest.load(export_tiny(tmp_path / "b", "tiny-bert", "--quant", "int8", "--quant-exclude", r"output\.dense"))
@@ -147,6 +148,7 @@ def test_quant_exclude_keeps_matching_modules_in_float(tmp_path):
     assert kept.quantization_details["quantized_ops"]["MatMulIntegerToFloat"] == n_plain - 4
 
 
+@pytest.mark.slow  # tens of seconds of quantization passes: `make test-slow` (default run < 5 min)
 def test_llama_int8_is_weight_only_and_int8_dynamic_keeps_down_proj_in_float(tmp_path):
     """`--quant int8` on llama = weight-only MatMulNBits (activations stay float: dynamic per-tensor activation
     scales cost SmolLM2 11 points); `--quant int8-dynamic` is still there, with down_proj kept in float."""
@@ -166,6 +168,7 @@ def test_llama_int8_is_weight_only_and_int8_dynamic_keeps_down_proj_in_float(tmp
     assert Manifest.load(export_tiny(tmp_path / "t", "tiny-bert", "--quant", "int8-token")).quantization == "int8-token"
 
 
+@pytest.mark.slow  # tens of seconds of quantization passes: `make test-slow` (default run < 5 min)
 def test_llama_int4_is_hqq_with_float_zero_points(tmp_path):
     out = export_tiny(tmp_path / "q4", "tiny-llama", "--quant", "int4")
     m = Manifest.load(out)

@@ -86,22 +86,5 @@ def test_default_recipe_improves_minilm_on_sst2(minilm_fp32_and_int8, sst2, tmp_
     assert (tmp_path / "replayed" / name).read_bytes() == (tmp_path / "p" / name).read_bytes()
 
 
-def test_default_recipe_improves_smollm2_on_sst2(tmp_path, sst2):
-    """SmolLM2 int8, `zoedge train` defaults on 1,000 SST-2 sentences (20 ZO steps to keep CI short). Measured
-    here: the device picks the review prompt; its probe head scores below the zero-shot head on dev, so the
-    guard keeps the exported head; ZO then takes dev-300 from 80.7% to 83.7% and test (872) from 78.9% to
-    79.7%. Asserted: dev +2 points, test +0.5 points, never below the start (docs/learning.md)."""
-    b = tmp_path / "smol-int8"
-    run_cli("export", "smollm2-135m", "--quant", "int8", "--out", b, check=True)
-    dev = tmp_path / "dev.tsv"
-    dev.write_text("".join((sst2 / "dev.tsv").read_text().splitlines(keepends=True)[:301]))
-    r = json.loads(run_cli("train", b, "--data", _head_sample(sst2, tmp_path, 1000), "--eval", dev, "--steps", "20",
-                           "--out", tmp_path / "p", "--json", check=True).stdout.splitlines()[-1])
-    before = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--json", check=True).stdout.splitlines()[-1])
-    after = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--patch", tmp_path / "p", "--json",
-                               check=True).stdout.splitlines()[-1])
-    print("smollm2 default recipe:", r["prompt_template"], r["eval_accuracy_start"], r["eval_accuracy_head_start"],
-          r["eval_accuracy"], "test", before["accuracy"], "->", after["accuracy"])
-    assert r["prompt_template"] in Bundle.open(b).manifest.prompt_candidates
-    assert r["eval_accuracy"] >= r["eval_accuracy_start"] + 0.02, r
-    assert after["n"] == 872 and after["accuracy"] >= before["accuracy"] + 0.005, (before, after)
+# The SmolLM2 recipe test moved to tests/test_real_kshot.py: it asserted +2 points on the dev rows keep-best
+# selected on (issue 14); the k-shot tests there assert on test sentences no selection saw.
