@@ -184,11 +184,16 @@ def test_fedavg_of_two_patches_is_the_weighted_average(fleet, tmp_path):
         assert [p["patch_id"] for p in ca.list_patches(version=previous + 2, device_id=a_id)] == [r3["patch_id"]]
 
 
+def _one_pushed_patch(fleet, tmp_path, seed: int) -> dict:
+    """A new device pushes one adapter patch; the server's answer."""
+    _, token = fleet.device()
+    p = make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=seed, seed=seed)
+    with fleet.client(token) as c:
+        return c.push(p, "adapter", Outbox(tmp_path / "o"))
+
+
 def test_aggregate_refuses_unknown_or_repeated_patches(fleet, tmp_path):
-    _, a = fleet.device()
-    p = make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=71, seed=71)
-    with fleet.client(a) as c:
-        r = c.push(p, "adapter", Outbox(tmp_path / "o"))
+    r = _one_pushed_patch(fleet, tmp_path, 71)
     with fleet.http(fleet.admin_token) as http:
         url = f"/v1/bundles/{fleet.bundle_id}/aggregate"
         assert http.post(url, json={"patch_ids": [r["patch_id"], r["patch_id"]]}).status_code == 400
@@ -198,10 +203,7 @@ def test_aggregate_refuses_unknown_or_repeated_patches(fleet, tmp_path):
 
 
 def test_aggregate_takes_unique_id_prefixes(fleet, tmp_path):
-    _, a = fleet.device()
-    p = make_patch(fleet.bundle_dir, tmp_path / "p", run_seed=72, seed=72)
-    with fleet.client(a) as c:
-        r = c.push(p, "adapter", Outbox(tmp_path / "o"))
+    r = _one_pushed_patch(fleet, tmp_path, 72)
     with fleet.http(fleet.admin_token) as http:
         g = http.post(f"/v1/bundles/{fleet.bundle_id[:8]}/aggregate", json={"patch_ids": [r["patch_id"][:8]]})
     assert g.status_code == 201, g.text

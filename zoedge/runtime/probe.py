@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from zoedge.constants import PROBE_DEFAULT_L2, PROBE_L2_GRID
+from zoedge.runtime.objectives import accuracy, cross_entropy
 
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, l2: float = 1e-3,
@@ -62,10 +63,7 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, 
 def _fit_and_score(features, labels, num_labels, l2, prior, held_x, held_y) -> dict:
     w, b = fit_linear_probe(features, labels, num_labels, l2=l2, prior=prior)
     logits = held_x.astype(np.float64) @ w.T + b
-    z = logits - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return {"accuracy": float((logits.argmax(1) == held_y).mean()),
-            "loss": float(-logp[np.arange(len(held_y)), held_y].mean())}
+    return {"accuracy": accuracy(logits, held_y), "loss": cross_entropy(logits, held_y)}
 
 
 def choose_l2(features: np.ndarray, labels: np.ndarray, num_labels: int, seed: int = 0,
