@@ -10,10 +10,11 @@
                 4 KB for K = 1024 whatever the model; the server rebuilds the adapter from the bundle's seed pool
                 (an adapter upload of a seed-pool patch carries its coefficients.npy too)
 
-* archives: `pack` writes an uncompressed tar whose bytes depend only on the files' names and contents (sorted
-  names, mtime 0, uid/gid 0, mode 0644), so packing the same patch twice gives the same sha256 and an upload is
-  idempotent; `unpack` accepts tar (any compression) or zip, refuses links, devices, absolute paths and `..`,
-  optionally a fixed set of names, and a total size limit; one top-level directory (`tar czf b.tgz bundle/`)
+* archives: `pack` writes a tar whose bytes depend only on the files' names and contents (sorted names, mtime 0,
+  uid/gid 0, mode 0644; gzipped with mtime 0 when asked), so packing the same patch twice gives the same sha256
+  and an upload is idempotent; a coefficients upload is gzipped (COMPRESSED_FORMATS: a plain tar pads its few KB
+  of files to 20 KB); `unpack` accepts tar (any compression) or zip, refuses links, devices, absolute paths and
+  `..`, optionally a fixed set of names, and a total size limit; one top-level directory (`tar czf b.tgz bundle/`)
   is stripped;
 * the sha256 checks of a patch directory's files against patch.json (`read_patch_doc`, `inspect_patch_dir`).
 """
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import shutil
 import tarfile
@@ -45,6 +47,7 @@ FORMAT_FILES = {
     "trajectory": (PATCH_FILE, TRAJECTORY_FILE, START_FILE),
     "coefficients": (PATCH_FILE, COEFFICIENTS_FILE, START_FILE),
 }
+COMPRESSED_FORMATS = ("coefficients",)  # gzipped uploads: the tar's 10 KiB records would pad 8 KB to 20 KB
 REQUIRED_FILES = {"adapter": (PATCH_FILE, ADAPTER_FILE), "trajectory": (PATCH_FILE, TRAJECTORY_FILE),
                   "coefficients": (PATCH_FILE, COEFFICIENTS_FILE)}
 
@@ -117,14 +120,17 @@ def inspect_patch_dir(patch_dir: str | Path) -> tuple[PatchDoc, str]:
 
 
 # ---- archives ---------------------------------------------------------------------------------------------
-def pack(src_dir: str | Path, out_file: str | Path, names: Iterable[str] | None = None) -> tuple[str, int]:
+def pack(src_dir: str | Path, out_file: str | Path, names: Iterable[str] | None = None,
+         compress: bool = False) -> tuple[str, int]:
     """Write `names` (default: every file under src_dir, recursively) to a tar, atomically; return
-    (sha256, bytes)."""
+    (sha256, bytes). compress: gzip it (mtime 0, no file name: still deterministic)."""
     src_dir = Path(src_dir)
     if names is None:
         names = [p.relative_to(src_dir).as_posix() for p in src_dir.rglob("*") if p.is_file()]
     out_file = Path(out_file)
-    with open_atomic(out_file) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with open_atomic(out_file) as f, contextlib.ExitStack() as stack:
+        sink = stack.enter_context(gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0)) if compress else f
+        tar = stack.enter_context(tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT))
         for name in sorted(set(names)):
             path = src_dir / name
             info = tarfile.TarInfo(name)

@@ -1,6 +1,7 @@
 """The device's outbox: patch archives waiting to be uploaded, kept on disk so they survive restarts.
 
-    <root>/<sha256>.tar     the archive exactly as it will be sent (packed deterministically)
+    <root>/<sha256>.tar     the archive exactly as it will be sent (packed deterministically; a coefficients
+                            upload is a gzipped tar)
     <root>/<sha256>.json    what it is: format, source directory, when queued, attempts, last error
     <root>/rejected/        entries the server refused for their content (400/409/413), with the reason
 
@@ -23,7 +24,7 @@ from typing import Iterator
 
 from zoedge.fsio import fsync_dir, write_json_atomic
 from zoedge.manifest import sha256_file
-from zoedge.transfer import check_carried_files, format_files, pack
+from zoedge.transfer import COMPRESSED_FORMATS, check_carried_files, format_files, pack
 
 DEFAULT_OUTBOX = Path("~/.zoedge/outbox")
 OUTBOX_ENV = "ZOEDGE_OUTBOX"
@@ -60,7 +61,7 @@ class Outbox:
         check_carried_files(patch_dir, names)
         tmp = self.root / f".pack-{uuid.uuid4().hex}.tar"
         try:
-            sha, size = pack(patch_dir, tmp, names)
+            sha, size = pack(patch_dir, tmp, names, compress=fmt in COMPRESSED_FORMATS)
             os.replace(tmp, self.archive_path(sha))
         finally:
             tmp.unlink(missing_ok=True)
