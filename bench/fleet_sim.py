@@ -1,0 +1,342 @@
+"""Fleet simulation (issue 16): N devices on a non-IID split, R rounds, three contenders on one compute budget.
+
+  python -m bench.fleet_sim [--tasks sst2,bbc] [--devices 20] [--rounds 6] [--steps 10] [--batch 16] ...
+  python -m bench.fleet_sim report        # the plot (docs/fleet_sim.png) and the markdown table, from the JSON
+
+Every device trains with zoedge's own trainer (`zoedge.runtime.loop.train`), in this process, on its share of the
+task's training pool: a Dirichlet(alpha) split over labels (Hsu et al. 2019), seeded, redrawn until every device
+holds at least MIN_EXAMPLES. Each round every device takes --steps ZO steps (batch --batch) from the current
+global model, and:
+
+* seed-pool: `train --seed-pool K` (round 1 `--head-init lp`, then `--seed-pool-from GLOBAL`); the server's
+  aggregation is `zoedge.runtime.seedpool.average` (examples-weighted mean of the coefficient vectors and head
+  starts, the tensors rebuilt from the pool);
+* fedavg: ordinary ZO (its own direction stream) on the global's tensors (round 1 `--head-init lp` on the bundle,
+  then on `zoedge.device.rebase.derive_bundle(bundle, GLOBAL)`, as the agent does); the server's aggregation is
+  `zoedge.server.aggregate.fedavg` of the devices' adapters (examples-weighted);
+* single: device 0 alone, --steps per round for R rounds (the steps one fleet device takes over the run), on its
+  own data, continuing its own patch each round (derive_bundle); no averaging.
+
+The global of a round is written with `zoedge.runtime.patch.write_patch`, as `POST /v1/bundles/{id}/aggregate`
+writes it. Bytes are the archives zoedge builds: an upload is `Outbox.enqueue_patch(patch, format)` (what `zoedge
+push --format F` sends), a download is the global's whole directory packed with `zoedge.transfer.pack` (what the
+server stores and `zoedge pull` downloads). Accuracy is the global model's on the task's test set (capped at
+TEST_CAP), with a paired standard error over test items for the seed-pool - fedavg difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bench
+from bench import SST2
+
+RESULTS = bench.RESULTS / "fleet"
+WORK = bench.WORK / "fleet"
+CONTENDERS = ("seed-pool", "fedavg", "single")
+MIN_EXAMPLES = 10
+
+
+# ---- the split -------------------------------------------------------------------------------------------------
+
+
+def dirichlet_split(labels: list[str], classes: list[str], devices: int, alpha: float, seed: int,
+                    min_examples: int = MIN_EXAMPLES) -> list[list[int]]:
+    """Row indices per device: each class's rows (shuffled) cut by proportions ~ Dirichlet(alpha), redrawn (up to
+    100 times) until every device holds at least min_examples."""
+    from zoedge.errors import ZoedgeError
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    y = np.asarray([classes.index(lab) for lab in labels])
+    for _ in range(100):
+        parts: list[list[int]] = [[] for _ in range(devices)]
+        for c in range(len(classes)):
+            rows = rng.permutation(np.flatnonzero(y == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(devices, alpha)))[:-1] * len(rows)).astype(int)
+            for d, chunk in enumerate(np.split(rows, cuts)):
+                parts[d] += chunk.tolist()
+        if min(len(p) for p in parts) >= min_examples:
+            return [sorted(p) for p in parts]
+    raise ZoedgeError(f"fleet: cannot give {devices} devices {min_examples} examples each from {len(labels)} rows")
+
+
+# ---- wire bytes ------------------------------------------------------------------------------------------------
+
+
+def upload_bytes(patch_dir: Path, fmt: str) -> tuple[int, int]:
+    """(the size of the archive `zoedge push --format fmt` queues and sends (the outbox entry), that archive
+    gzipped with mtime 0, unless it already is: the outbox gzips coefficients uploads)."""
+    from zoedge.device.outbox import Outbox
+
+    with tempfile.TemporaryDirectory() as tmp:
+        box = Outbox(Path(tmp))
+        entry = box.enqueue_patch(patch_dir, fmt)
+        body = box.archive_path(entry.sha256).read_bytes()
+        return entry.bytes, entry.bytes if body[:2] == b"\x1f\x8b" else len(gzip.compress(body, mtime=0))
+
+
+def archive_bytes(patch_dir: Path, fmt: str | None = None) -> tuple[int, int]:
+    """(the packed size of the whole patch directory (fmt None: what the server stores and `zoedge pull` gets)
+    or of one format's files, the same gzipped)."""
+    from zoedge.transfer import format_files, pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        size = pack(patch_dir, Path(tmp) / "p.tar", format_files(patch_dir, fmt) if fmt else None)[1]
+        return size, len(gzip.compress((Path(tmp) / "p.tar").read_bytes(), mtime=0))
+
+
+def wire_bytes(uploads: list[dict], down: dict) -> dict:
+    """A round's bytes per device: each measure as tar (what is sent today) and gzip, uploads averaged over the
+    devices; bytes_per_device = upload + download as sent today."""
+    row = {}
+    for key in uploads[0]:
+        row[f"{key}_bytes"] = int(np.mean([u[key][0] for u in uploads]))
+        row[f"{key}_bytes_gzip"] = int(np.mean([u[key][1] for u in uploads]))
+    for key, (tar, gz) in down.items():
+        row[f"{key}_bytes"], row[f"{key}_bytes_gzip"] = tar, gz
+    row["bytes_per_device"] = row["upload_bytes"] + row["download_bytes"]
+    if "download_coefficients_only_bytes" in row:  # a gzipped coefficients push and a coefficients-only pull
+        row["bytes_per_device_lean"] = row["upload_bytes_gzip"] + row["download_coefficients_only_bytes_gzip"]
+    return row
+
+
+# ---- the global model of a round ------------------------------------------------------------------------------
+
+
+def write_global(out: Path, m, tensors: dict, patches: list[Path], weights: list[float], version: int,
+                 start: dict | None = None, coefficients=None, pool: dict | None = None) -> Path:
+    """A global patch as the server's aggregate writes it (kind global, empty trajectory, mean start/vector)."""
+    from zoedge.patchdoc import PatchDoc
+    from zoedge.runtime.patch import write_patch
+    from zoedge.runtime.zo import ZOConfig
+
+    cfg = ZOConfig()
+    prompts = {PatchDoc.load(p).prompt_template for p in patches}
+    meta = {"kind": "global", "version": version, "parents": [p.name for p in patches], "steps": 0, "run_seed": 0,
+            "zo": cfg.to_dict(), "examples": int(sum(weights)), "metrics": {}, "prompt_template": prompts.pop()}
+    meta.update(pool or {})
+    write_patch(out, m, tensors, np.zeros((0, cfg.perturbations + 1), np.float32), start or {}, meta, coefficients)
+    return out
+
+
+class TestEval:
+    """The test set's accuracy for given trainable tensors: one forward session, rows sorted by length (less
+    padding; the accuracy does not depend on the order)."""
+
+    def __init__(self, bundle_dir: Path, test_tsv: Path, batch: int = 32):
+        from zoedge.runtime.bundle import Bundle
+        from zoedge.runtime.evaluator import Evaluator, load_dataset
+        from zoedge.runtime.forward import open_forward
+
+        self.bundle = Bundle.open(bundle_dir)
+        self.tensors = self.bundle.initial_trainables()
+        self.ev = Evaluator(self.bundle, open_forward(self.bundle, self.tensors), batch)
+        self.data = load_dataset(test_tsv, self.bundle.manifest)
+        rows = self.bundle.encoder.token_ids(self.data.texts)
+        self.order = np.argsort([len(r) for r in rows], kind="stable")
+
+    def correct(self, tensors: dict) -> np.ndarray:
+        from zoedge.manifest import OUTPUT_LOGITS
+
+        for k, v in tensors.items():
+            np.copyto(self.tensors[k], v)
+        (logits,) = self.ev.outputs(self.data, (OUTPUT_LOGITS,), self.order)
+        return (logits.argmax(1) == self.data.labels[self.order]).astype(np.int8)
+
+
+# ---- one task ----------------------------------------------------------------------------------------------------
+
+
+def device_cfg(a, seed: int, first: bool, **extra):
+    from zoedge.runtime.config import TrainConfig
+
+    return TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, eps=a.eps, seed=seed, keep="last",
+                       checkpoint_every=0, lp_examples=a.lp_examples, head_init="lp" if first else "none", **extra)
+
+
+def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
+    from zoedge import datasets
+    from zoedge.device.rebase import derive_bundle, rebase_patch
+    from zoedge.patchdoc import PatchDoc
+    from zoedge.runtime import seedpool
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.loop import train
+    from zoedge.runtime.patch import load_patch_tensors
+    from zoedge.server.aggregate import fedavg
+
+    t_task = time.perf_counter()
+    task = datasets.load_task(task_name, a.sst2)
+    work = a.work / task_name
+    shutil.rmtree(work, ignore_errors=True)
+    parts = dirichlet_split([lab for _, lab in task.pool], task.labels, a.devices, a.alpha, a.seed)
+    data = [datasets.write_tsv(work / "devices" / f"dev{d:02d}.tsv", [task.pool[i] for i in p])
+            for d, p in enumerate(parts)]
+    test = task.test[:a.test_cap]
+    test_tsv = datasets.write_tsv(work / "test.tsv", test)
+    counts = [[sum(task.pool[i][1] == c for i in p) for c in task.labels] for p in parts]
+    m = Bundle.open(bundle_dir).manifest
+    initial = Bundle.open(bundle_dir, check_files=False).initial_trainables()
+    tester = TestEval(bundle_dir, test_tsv)
+    quiet = lambda _msg: None  # noqa: E731
+    base_correct = tester.correct(initial)
+    log(f"{task_name}: {a.devices} devices, {len(task.pool)} pool rows, sizes {min(map(len, parts))}.."
+        f"{max(map(len, parts))}; test {len(test)}; bundle head {base_correct.mean():.3f}")
+
+    rounds: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+    correct: dict[str, list[np.ndarray]] = {c: [] for c in CONTENDERS}
+    glob: dict[str, Path | None] = {c: None for c in CONTENDERS}
+    for r in range(1, a.rounds + 1):
+        first = r == 1
+        for contender in CONTENDERS:
+            t0 = time.perf_counter()
+            rdir = work / contender / f"r{r:02d}"
+            devices = [0] if contender == "single" else list(range(a.devices))
+            train_on = bundle_dir  # seed-pool devices continue the global on the bundle itself
+            if contender != "seed-pool" and not first:
+                train_on = derive_bundle(bundle_dir, glob[contender], rdir / "derived")
+            patches, weights, wire, train_s = [], [], [], 0.0
+            for d in devices:
+                out = rdir / f"dev{d:02d}"
+                extra = {"seed_pool": a.seed_pool} if contender == "seed-pool" else {}
+                if contender == "seed-pool" and not first:
+                    extra["seed_pool_from"] = str(glob[contender])
+                res = train(train_on, data[d], out, device_cfg(a, 1000 * r + d, first, **extra), log=quiet)
+                train_s += res["seconds"]
+                weights.append(float(len(parts[d])))
+                pushed = out
+                if contender != "seed-pool" and not first:  # as the agent pushes it: re-expressed on the bundle
+                    pushed = rdir / f"push{d:02d}"
+                    rebase_patch(out, train_on, bundle_dir, pushed)
+                patches.append(pushed)
+                if contender == "seed-pool":
+                    wire.append({"upload": upload_bytes(out, "coefficients"),
+                                 "upload_adapter": upload_bytes(out, "adapter")})
+                elif contender == "fedavg":  # the adapter tensors as trained; the agent's trajectory push
+                    wire.append({"upload": upload_bytes(out, "adapter"),
+                                 "upload_trajectory": upload_bytes(pushed, "trajectory")})
+            gdir = rdir / "global"
+            if contender == "seed-pool":
+                docs = [PatchDoc.load(p) for p in patches]
+                tensors, start, c, pool = seedpool.average(m, initial, patches, docs, weights)
+                write_global(gdir, m, tensors, patches, weights, r, start, c, pool)
+                down = {"download": archive_bytes(gdir),
+                        "download_coefficients_only": archive_bytes(gdir, "coefficients")}
+            else:  # fedavg; single: the one device's patch is its model
+                tensors = fedavg([load_patch_tensors(p, m) for p in patches], weights)
+                write_global(gdir, m, tensors, patches, weights, r)
+                down = {"download": archive_bytes(gdir)}
+            glob[contender] = gdir
+            ok = tester.correct(tensors)
+            correct[contender].append(ok)
+            row = {"round": r, "accuracy": round(float(ok.mean()), 4), "devices": len(devices),
+                   "steps_per_device": a.steps, "train_seconds": round(train_s, 1),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            if contender != "single":
+                row.update(wire_bytes(wire, down))
+            rounds[contender].append(row)
+            log(f"{task_name} r{r} {contender}: {json.dumps(row)}")
+            for p in rdir.iterdir():  # the device patches are measured; the globals stay for the next round
+                if p.name != "global":
+                    shutil.rmtree(p, ignore_errors=True)
+    diffs = []
+    for r in range(a.rounds):
+        d = correct["seed-pool"][r].astype(float) - correct["fedavg"][r].astype(float)
+        diffs.append({"round": r + 1, "seed_pool_minus_fedavg": round(float(d.mean()), 4),
+                      "paired_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
+                      "disagreements": int(np.sum(d != 0))})
+    return {"task": task_name, "labels": task.labels, "pool": len(task.pool), "test": len(test),
+            "bundle": str(bundle_dir), "bundle_id": m.bundle_id,
+            "bundle_head_accuracy": round(float(base_correct.mean()), 4),
+            "device_examples": [len(p) for p in parts], "device_label_counts": counts,
+            "rounds": rounds, "difference": diffs, "seconds": round(time.perf_counter() - t_task, 1),
+            "final_correct": {c: "".join(map(str, correct[c][-1].tolist())) for c in CONTENDERS}}
+
+
+# ---- the command -------------------------------------------------------------------------------------------------
+
+
+def bundle_for(a, task_name: str, log) -> Path:
+    """--bundle TASK=DIR, else the k-shot bench's cached export (re-exported when the exporter changed)."""
+    from bench import kshot_setup
+    from zoedge import datasets
+
+    given = dict(b.split("=", 1) for b in a.bundle)
+    if task_name in given:
+        return Path(given[task_name])
+    info = kshot_setup.ensure_bundle(kshot_setup.WORK / "bundles", kshot_setup.model_spec(a.model),
+                                     datasets.load_task(task_name, a.sst2), a.quant, log)
+    return Path(info["path"])
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.fleet_sim", description=__doc__.split("\n\n")[0])
+    ap.add_argument("cmd", nargs="?", default="run", choices=("run", "report"))
+    ap.add_argument("--tasks", default="sst2,bbc")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--quant", default="int8")
+    ap.add_argument("--bundle", action="append", default=[], help="TASK=DIR: use this bundle instead of exporting")
+    ap.add_argument("--sst2", type=Path, default=SST2)
+    ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10, help="ZO steps per device per round")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eps", type=float, default=1e-2)
+    ap.add_argument("--lp-examples", type=int, default=256, help="examples of a device's round-1 linear probe")
+    ap.add_argument("--seed-pool", type=int, default=1024, help="K")
+    ap.add_argument("--seed", type=int, default=0, help="the split's seed")
+    ap.add_argument("--test-cap", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--plot", type=Path, default=bench.REPO / "docs" / "fleet_sim.png")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    from zoedge.errors import ZoedgeError
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        if a.cmd == "report":
+            from bench.fleet_report import report
+
+            print(report(a.results, a.plot))
+            return 0
+        if a.threads:
+            os.environ["ZOEDGE_THREADS"] = str(a.threads)
+        if a.devices < 2 or a.rounds < 1 or a.steps < 1:
+            raise ZoedgeError("fleet: need --devices >= 2, --rounds >= 1, --steps >= 1")
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "cmd"}
+        from bench.kshot_setup import git_state
+
+        for name in a.tasks.split(","):
+            bundle_dir = bundle_for(a, name, log)
+            t0, load0 = time.process_time(), os.getloadavg()
+            doc = run_task(a, name, bundle_dir, log)
+            doc.update(settings=settings, cpu_seconds=round(time.process_time() - t0, 1),
+                       loadavg=[list(load0), list(os.getloadavg())], git=git_state(),
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+            a.results.mkdir(parents=True, exist_ok=True)
+            (a.results / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+            log(f"{name}: wrote {a.results / (name + '.json')} ({doc['seconds']} s, cpu {doc['cpu_seconds']} s)")
+    except ZoedgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
