@@ -26,6 +26,7 @@ def table(doc: dict) -> str:
     rounds = doc["rounds"]
     n = len(rounds["seed-pool"])
     lines = [f"**{doc['task']}** ({len(doc['labels'])} classes; {doc['settings']['devices']} devices, "
+             f"{doc['settings']['per_round']} per round, "
              f"{sum(doc['device_examples']):,} training rows, {min(doc['device_examples'])}–"
              f"{max(doc['device_examples'])} per device; test {doc['test']}; the bundle's own head "
              f"{100 * doc['bundle_head_accuracy']:.1f}%)", "",
@@ -53,7 +54,7 @@ def table(doc: dict) -> str:
     lines += ["", f"FedAvg's agent push (trajectory format, the patch rebased onto the bundle) averaged "
               f"{kb(mean(fa, 'upload_trajectory_bytes'))}; a seed-pool patch in adapter format "
               f"{kb(mean(sp, 'upload_adapter_bytes'))}. Seconds per device per round (training only, mean): "
-              + ", ".join(f"{NAMES[c]} {mean(rounds[c], 'train_seconds') / rounds[c][0]['devices']:.1f} s"
+              + ", ".join(f"{NAMES[c]} {mean(rounds[c], 'train_seconds') / len(rounds[c][0]['devices']):.1f} s"
                           for c in NAMES) + "."]
     return "\n".join(lines)
 
@@ -70,8 +71,8 @@ def plot(docs: list[dict], path: Path) -> None:
             rows = doc["rounds"][c]
             ax.plot([r["round"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=NAMES[c])
         s = doc["settings"]
-        ax.set_title(f"{doc['task']}: {s['devices']} devices, Dirichlet α={s['alpha']}, "
-                     f"{s['steps']} ZO steps/round", fontsize=9)
+        ax.set_title(f"{doc['task']}: {s['devices']} devices ({s['per_round']} per round), Dirichlet α={s['alpha']}, "
+                     f"{s['steps']} ZO steps x {s['batch']}", fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel(f"test accuracy (%, {doc['test']} items)")
         ax.grid(alpha=0.3)

@@ -5,8 +5,8 @@
 
 Every device trains with zoedge's own trainer (`zoedge.runtime.loop.train`), in this process, on its share of the
 task's training pool: a Dirichlet(alpha) split over labels (Hsu et al. 2019), seeded, redrawn until every device
-holds at least MIN_EXAMPLES. Each round every device takes --steps ZO steps (batch --batch) from the current
-global model, and:
+holds at least MIN_EXAMPLES. Each round --per-round of the devices (a seeded sample, the same for both fleets) take
+--steps ZO steps each (batch --batch) from the current global model, and:
 
 * seed-pool: `train --seed-pool K` (round 1 `--head-init lp`, then `--seed-pool-from GLOBAL`); the server's
   aggregation is `zoedge.runtime.seedpool.average` (examples-weighted mean of the coefficient vectors and head
@@ -14,8 +14,8 @@ global model, and:
 * fedavg: ordinary ZO (its own direction stream) on the global's tensors (round 1 `--head-init lp` on the bundle,
   then on `zoedge.device.rebase.derive_bundle(bundle, GLOBAL)`, as the agent does); the server's aggregation is
   `zoedge.server.aggregate.fedavg` of the devices' adapters (examples-weighted);
-* single: device 0 alone, --steps per round for R rounds (the steps one fleet device takes over the run), on its
-  own data, continuing its own patch each round (derive_bundle); no averaging.
+* single: device 0 alone, --steps per round for R rounds (what one fleet device takes over the run if it is in
+  every round), on its own data, continuing its own patch each round (derive_bundle); no averaging.
 
 The global of a round is written with `zoedge.runtime.patch.write_patch`, as `POST /v1/bundles/{id}/aggregate`
 writes it. Bytes are the archives zoedge builds: an upload is `Outbox.enqueue_patch(patch, format)` (what `zoedge
@@ -192,6 +192,8 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
     log(f"{task_name}: {a.devices} devices, {len(task.pool)} pool rows, sizes {min(map(len, parts))}.."
         f"{max(map(len, parts))}; test {len(test)}; bundle head {base_correct.mean():.3f}")
 
+    pick = np.random.Generator(np.random.PCG64([a.seed, 0xF1EE7]))  # who takes part in each round: both fleets
+    sample = [sorted(pick.choice(a.devices, size=a.per_round, replace=False).tolist()) for _ in range(a.rounds)]
     rounds: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
     correct: dict[str, list[np.ndarray]] = {c: [] for c in CONTENDERS}
     glob: dict[str, Path | None] = {c: None for c in CONTENDERS}
@@ -200,7 +202,7 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
         for contender in CONTENDERS:
             t0 = time.perf_counter()
             rdir = work / contender / f"r{r:02d}"
-            devices = [0] if contender == "single" else list(range(a.devices))
+            devices = [0] if contender == "single" else sample[r - 1]
             train_on = bundle_dir  # seed-pool devices continue the global on the bundle itself
             if contender != "seed-pool" and not first:
                 train_on = derive_bundle(bundle_dir, glob[contender], rdir / "derived")
@@ -238,7 +240,7 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
             glob[contender] = gdir
             ok = tester.correct(tensors)
             correct[contender].append(ok)
-            row = {"round": r, "accuracy": round(float(ok.mean()), 4), "devices": len(devices),
+            row = {"round": r, "accuracy": round(float(ok.mean()), 4), "devices": devices,
                    "steps_per_device": a.steps, "train_seconds": round(train_s, 1),
                    "seconds": round(time.perf_counter() - t0, 1)}
             if contender != "single":
@@ -287,10 +289,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bundle", action="append", default=[], help="TASK=DIR: use this bundle instead of exporting")
     ap.add_argument("--sst2", type=Path, default=SST2)
     ap.add_argument("--devices", type=int, default=20)
+    ap.add_argument("--per-round", type=int, default=8, help="devices sampled (seeded) to train in each round")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=10, help="ZO steps per device per round")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eps", type=float, default=1e-2)
     ap.add_argument("--lp-examples", type=int, default=256, help="examples of a device's round-1 linear probe")
@@ -317,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.threads:
             os.environ["ZOEDGE_THREADS"] = str(a.threads)
-        if a.devices < 2 or a.rounds < 1 or a.steps < 1:
-            raise ZoedgeError("fleet: need --devices >= 2, --rounds >= 1, --steps >= 1")
+        if a.devices < 2 or a.rounds < 1 or a.steps < 1 or not 1 <= a.per_round <= a.devices:
+            raise ZoedgeError("fleet: need --devices >= 2, --rounds >= 1, --steps >= 1, 1 <= --per-round <= --devices")
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "cmd"}
         from bench.kshot_setup import git_state
 
