@@ -133,7 +133,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
 
     from zoedge.export.assemble import build_selection
     from zoedge.export.onnx_graph import TrainablesAsInputs, export_onnx
-    from zoedge.export.quantize import quantize, resolve_mode
+    from zoedge.export.quantize import QUANTIZED_EMBEDDINGS, quantize, resolve_mode
     from zoedge.export.trainables import parse_kinds
     from zoedge.models.registry import load_source
 
@@ -204,7 +204,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             else:
                 log(f"quantizing ({quant}) ...")
                 feeds = _calibration_feeds(opts, src, prompt, truncation_side, initial) if quant == "int8-static" else None
-                details = quantize(fp32_path, tmp / MODEL_FILE, scheme, list(initial), feeds, quant_exclude)
+                details = quantize(fp32_path, tmp / MODEL_FILE, scheme, list(initial), feeds, quant_exclude,
+                                   embedding=src.architecture in QUANTIZED_EMBEDDINGS)
                 details["scheme"] = scheme
                 if feeds is not None:
                     details["calibration_source"] = str(opts.calibration) if opts.calibration else "builtin"

@@ -47,7 +47,8 @@ class DecoderClassifier(nn.Module):
             self.label_head.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # No KV cache: Gemma 3's sliding-window cache layer slices keys by the window and breaks a dynamic-length export.
+        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         last = attention_mask.sum(1) - 1
         features = h[torch.arange(h.shape[0]), last]
         return self.label_head(features), features
@@ -59,7 +60,7 @@ class DecoderLM(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         target = input_ids[:, 1:]
         mask = attention_mask[:, 1:].to(logits.dtype)
         logp = torch.log_softmax(logits, dim=-1)

@@ -26,7 +26,14 @@ BLOCK_SIZE = 32  # MatMulNBits block along the input dimension; equals GGUF's Q4
 # batch mates (int8-dynamic's one scale per batch flipped 31 of 872 SST-2 sentences between eval batch 1 and 64),
 # and MiniLM keeps 98.4% of a trained head's fp32 predictions (int8-dynamic 97.5%, static QDQ <= 96%). Llama
 # decoders use weight-only int8, since quantizing their activations per tensor costs SmolLM2 11 points of SST-2.
-INT8_SCHEME = {"llama": "int8-weight"}
+# Gemma 3 decoders follow llama (measured in docs/quantization.md).
+INT8_SCHEME = {"llama": "int8-weight", "gemma3_text": "int8-weight"}
+# Architectures whose token-embedding table is quantized too by the weight-only modes (int8-weight, int4): Gemma 3's
+# 262,144 x 640 table is 63% of its weights (671 MB in fp32, which MatMulNBits never touches). It becomes int8 with
+# one fp32 scale per block of 32 along the hidden axis: the GGUF stores it as Q8_0 (that very layout), so this is
+# lossless for it. SmolLM2 keeps its float table (measured bundles unchanged).
+QUANTIZED_EMBEDDINGS = {"gemma3_text"}
+EMBEDDING_MIN_ROWS = 1024  # a Gather over a constant table with at least this many rows is a vocabulary embedding
 ENCODER_INT8 = "int8-token"
 
 
@@ -75,7 +82,9 @@ def _name_nodes(path: Path) -> onnx.ModelProto:
 
 
 def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
-             calibration_feeds: list[dict[str, np.ndarray]] | None = None, exclude: str | None = None) -> dict[str, Any]:
+             calibration_feeds: list[dict[str, np.ndarray]] | None = None, exclude: str | None = None,
+             embedding: bool = False) -> dict[str, Any]:
+    """`embedding`: also quantize the token-embedding Gather (weight-only modes; see QUANTIZED_EMBEDDINGS)."""
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     model = _name_nodes(src)
     excluded = trainable_path_nodes(model, trainable_names)
@@ -86,6 +95,8 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
             raise ZoedgeError(f"bad --quant-exclude {exclude!r}: matches no node's module path")
         excluded += chosen
         details.update(exclude_pattern=exclude, excluded_by_pattern=len(chosen))
+    if embedding and mode in ("int8-weight", "int4"):
+        details["embedding"] = blocked_int8_embeddings(model, excluded)
     if mode == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -142,6 +153,59 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
 
 
 TOKEN_OPSET = 21  # QuantizeLinear with block_size (one scale per row) is opset 21; onnxruntime >= 1.20 runs it
+
+
+def blocked_int8_embeddings(model: onnx.ModelProto, excluded: Iterable[str]) -> dict[str, Any]:
+    """Rewrite, in place, each Gather over a constant float vocabulary table W [V, H] (axis 0, not excluded) as
+
+        Gather(Wq, ids) -> DequantizeLinear(., Gather(scale, ids), axis=-1, block_size=32)
+
+    Wq = round(W / scale) in int8, symmetric, one fp32 scale = max |w| / 127 per block of 32 along H. Standard
+    opset-21 ops only (blocked DequantizeLinear); the float table is dropped unless another node still reads it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    skip = set(excluded)
+    inits = {i.name: i for i in graph.initializer}
+    done: dict[str, float] = {}  # table -> largest |dequantized - float| weight
+    nodes = []
+    for n in graph.node:
+        t = inits.get(n.input[0]) if n.op_type == "Gather" and n.name not in skip else None
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if (t is None or axis != 0 or len(t.dims) != 2 or t.data_type != TensorProto.FLOAT
+                or t.dims[0] < EMBEDDING_MIN_ROWS or t.dims[1] % BLOCK_SIZE):
+            nodes.append(n)
+            continue
+        q_name, s_name = n.input[0] + ".int8", n.input[0] + ".int8_scale"
+        if n.input[0] not in done:
+            w = numpy_helper.to_array(t).astype(np.float32)
+            blocks = w.reshape(w.shape[0], -1, BLOCK_SIZE)
+            amax = np.abs(blocks).max(-1)
+            scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+            q = np.clip(np.round(blocks / scale[..., None]), -127, 127).astype(np.int8).reshape(w.shape)
+            graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, s_name)])
+            done[n.input[0]] = float(np.abs(q.reshape(blocks.shape) * scale[..., None] - blocks).max())
+            del w, blocks, q
+        out = n.output[0]
+        nodes += [helper.make_node("Gather", [q_name, n.input[1]], [out + ".q"], axis=0, name=n.name + ".int8"),
+                  helper.make_node("Gather", [s_name, n.input[1]], [out + ".s"], axis=0, name=n.name + ".int8_scale"),
+                  helper.make_node("DequantizeLinear", [out + ".q", out + ".s"], [out], axis=-1,
+                                   block_size=BLOCK_SIZE, name=n.name)]
+    if not done:
+        return {"quantized_tables": 0}
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, TOKEN_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+    return {"quantized_tables": len(done), "method": "int8 Gather + blocked DequantizeLinear", "bits": 8,
+            "block_size": BLOCK_SIZE, "symmetric": True, "scale": "float32",
+            "max_abs_error": max(done.values())}
 _TINY = 1e-30  # a scale floor: an all-zero row quantizes to zeros instead of dividing by zero
 
 

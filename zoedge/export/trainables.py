@@ -21,6 +21,7 @@ LORA_TARGETS = {
     "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
               "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
 }
+LORA_TARGETS["gemma3_text"] = LORA_TARGETS["llama"]  # the same projection names
 PEFT_PREFIX = "base_model.model."
 
 
