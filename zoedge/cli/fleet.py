@@ -184,16 +184,20 @@ def pull(
     latest_global: bool = typer.Option(False, "--latest-global", help="The newest global patch (of --bundle)"),
     bundle: Optional[str] = typer.Option(None, help=f"With --latest-global: {BUNDLE_REF_HELP} (default: the only "
                                                     "bundle with global patches)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="coefficients: of a seed-pool patch, only patch.json, "
+                                                          "coefficients.npy and start.safetensors (a few KB)"),
     out: Path = OUT_DIR,
     json_out: bool = JSON_OUT,
 ) -> None:
     """Download a patch directory (--patch ID, or --latest-global), checked against its sha256."""
+    if fmt not in (None, "coefficients"):
+        fail(f"bad --format {fmt!r}: coefficients (or leave it out for the whole patch)")
     if bool(patch_id) == latest_global:
         fail("give --patch ID or --latest-global (one of them)")
     with _client(server, token) as c:
         if latest_global:
             patch_id = latest_global_of(c, bundle)["patch_id"]
-        r = c.pull(patch_id, out)
+        r = c.pull(patch_id, out, fmt)
     _emit({"patch_id": r["patch_id"], "out": str(out), "kind": r["kind"], "version": r["version"],
            "sha256": r["archive_sha256"]}, json_out, f"pulled patch {r['patch_id']} ({r['kind']}) into {out}")
 

@@ -149,8 +149,8 @@ class Agent:
         if g is None or g["version"] <= current.get("version", -1) and (root / current.get("patch_id", "?")).is_dir():
             return
         dest = root / g["patch_id"]
-        if not (dest / PATCH_FILE).is_file():
-            client.pull(g["patch_id"], dest)
+        if not (dest / PATCH_FILE).is_file():  # a seed-pool fleet's device rebuilds it: the coefficients suffice
+            client.pull(g["patch_id"], dest, "coefficients" if self.cfg.train.get("seed_pool") else None)
         self.set_status(**{"global": {"patch_id": g["patch_id"], "version": g["version"]}})
         self.event("pulled_global", patch_id=g["patch_id"], version=g["version"])
 

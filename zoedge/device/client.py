@@ -201,18 +201,27 @@ class FleetClient:
 
         return self._fetch_dir(out, lambda: self.get_bundle(bundle_id), "bundle", "sha256", check)
 
-    def pull(self, patch_id: str, out: str | Path) -> dict[str, Any]:
+    def pull(self, patch_id: str, out: str | Path, fmt: Optional[str] = None) -> dict[str, Any]:
         """Download a patch into out (absent or empty), checked against its sha256s; the complete
-        directory appears at once (renamed from a temporary sibling)."""
+        directory appears at once (renamed from a temporary sibling). fmt "coefficients" (a seed-pool patch): only
+        patch.json, coefficients.npy and start.safetensors, a gzipped few KB; the device rebuilds the adapter from
+        the pool (`runtime.patch.complete_patch_dir`) or continues it (`--seed-pool-from`). Its files are checked
+        against its patch.json, whose adapter_sha256 must be the server's (the rebuild checks that digest)."""
+        meta = self.get_patch(patch_id)
+
         def check(archive: Path, work: Path) -> None:
             unpack(archive, work, allowed=PATCH_FILES)
-            inspect_patch_dir(work)
+            doc, kind = inspect_patch_dir(work)
+            if fmt and (kind != fmt or doc.adapter_sha256 != meta["adapter_sha256"]):
+                raise FleetError(f"downloaded patch {meta['patch_id']} is not its {fmt} archive (corrupted in transit)")
 
-        return self._fetch_dir(out, lambda: self.get_patch(patch_id), "patch", "archive_sha256", check)
+        return self._fetch_dir(out, lambda: meta, "patch", None if fmt else "archive_sha256", check,
+                               f"?format={fmt}" if fmt else "")
 
-    def _fetch_dir(self, out: str | Path, get_meta, kind: str, sha_key: str, check) -> dict[str, Any]:
-        """The archive of a bundle or patch, downloaded to a temporary sibling of out, its sha256 and contents
-        checked (`check(archive, dir)` unpacks and verifies), then renamed into place."""
+    def _fetch_dir(self, out: str | Path, get_meta, kind: str, sha_key: Optional[str], check,
+                   query: str = "") -> dict[str, Any]:
+        """The archive of a bundle or patch, downloaded to a temporary sibling of out, its sha256 (meta[sha_key],
+        unless None) and contents checked (`check(archive, dir)` unpacks and verifies), then renamed into place."""
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise ZoedgeError(f"--out {out}: exists and is not an empty directory")
@@ -221,8 +230,8 @@ class FleetClient:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             archive, work = Path(tmp) / f"{kind}.tar", Path(tmp) / kind
-            self.download(f"/v1/{'patches' if kind == 'patch' else 'bundles'}/{the_id}/archive", archive)
-            if sha256_file(archive) != meta[sha_key]:
+            self.download(f"/v1/{'patches' if kind == 'patch' else 'bundles'}/{the_id}/archive{query}", archive)
+            if sha_key and sha256_file(archive) != meta[sha_key]:
                 raise FleetError(f"downloaded {kind} {the_id} does not match its sha256 (corrupted in transit)")
             check(archive, work)
             archive.unlink()

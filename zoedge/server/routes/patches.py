@@ -19,7 +19,8 @@ from zoedge.server.models import Patch
 from zoedge.server.schemas import PatchOut
 from zoedge.server.siblings import group_ids
 from zoedge.server.uploads import RAW_ARCHIVE_BODY, check_declared_sha256, receive_body
-from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, UPLOAD_FORMATS
+from zoedge.patchdoc import PATCH_FILES, PatchDoc
+from zoedge.transfer import FORMAT_HEADER, SHA256_HEADER, UPLOAD_FORMATS, format_files, pack, unpack
 
 router = APIRouter(prefix="/patches", tags=["patches"])
 SIBLING_TARGET = ("store the patch for this bundle: the one it was trained on or a sibling (same base, trainables, "
@@ -104,13 +105,29 @@ def get_patch(patch_id: str, db: SessionDep, caller: CallerDep) -> Patch:
 
 
 @router.get("/{patch_id}/archive", response_class=FileResponse)
-def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep) -> Response:
+def download_patch(patch_id: str, db: SessionDep, caller: CallerDep, state: StateDep,
+                   format: Optional[Literal["coefficients"]] = Query(
+                       None, description="coefficients: only what rebuilds a seed-pool patch (patch.json, "
+                                         "coefficients.npy, start.safetensors), gzipped: a few KB")) -> Response:
     """The complete patch directory as a tar: the uploaded archive for adapter patches; for trajectory
     patches the upload plus the replayed adapter_model.safetensors (and adapter_config.json). `patch_id`: the id or
-    a unique prefix."""
+    a unique prefix. `format=coefficients` (seed-pool patches): the device rebuilds the rest from the pool."""
     patch = readable_patch(db, caller, patch_id)
-    return blob_response(state.blobs, patch.archive_sha256, "application/x-tar", f"patch-{patch.id}.tar",
-                         {SHA256_HEADER: patch.archive_sha256})
+    sha = patch.archive_sha256 if format is None else coefficients_archive(state, patch)
+    return blob_response(state.blobs, sha, "application/x-tar", f"patch-{patch.id}.tar", {SHA256_HEADER: sha})
+
+
+def coefficients_archive(state, patch: Patch) -> str:
+    """The gzipped coefficients-format archive of a stored seed-pool patch (made once, then a stored blob)."""
+    with state.blobs.temp_dir() as work:
+        unpack(state.blobs.path(patch.archive_sha256), work / "p", allowed=PATCH_FILES)
+        if PatchDoc.load(work / "p", where=f"patch {patch.id}").seed_pool_k is None:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"patch {patch.id} is no seed-pool patch: it has no "
+                                                             "coefficients (download it without format)")
+        sha, _ = pack(work / "p", work / "c.tar", format_files(work / "p", "coefficients"), compress=True)
+        if not state.blobs.exists(sha):
+            state.blobs.put_file(work / "c.tar", sha)
+    return sha
 
 
 @router.get("/{patch_id}/adapter", response_class=FileResponse)
