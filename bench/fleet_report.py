@@ -23,39 +23,37 @@ def mean(rows: list[dict], key: str) -> float | None:
 
 def table(doc: dict) -> str:
     """One task: accuracy per round per contender, then bytes per device per round and the goal's test."""
-    rounds = doc["rounds"]
-    n = len(rounds["seed-pool"])
-    lines = [f"**{doc['task']}** ({len(doc['labels'])} classes; {doc['settings']['devices']} devices, "
-             f"{doc['settings']['per_round']} per round, "
-             f"{sum(doc['device_examples']):,} training rows, {min(doc['device_examples'])}–"
-             f"{max(doc['device_examples'])} per device; test {doc['test']}; the bundle's own head "
-             f"{100 * doc['bundle_head_accuracy']:.1f}%)", "",
+    rounds, s = doc["rounds"], doc["settings"]
+    ex = doc["device_examples"]
+    start = f"{doc['start']} head" + (f" fitted on {doc['server_rows']} server rows" if doc["server_rows"] else "")
+    lines = [f"**{doc['task']}** ({len(doc['labels'])} classes; {s['devices']} devices, {s['per_round']} per round, "
+             f"{sum(ex):,} training rows, {min(ex)}–{max(ex)} per device; test {doc['test']}; round 0 = the start, "
+             f"{start})", "",
              "| round | " + " | ".join(NAMES[c] for c in NAMES) + " | seed-pool − FedAvg (paired SE) |",
              "|---:|" + "---:|" * (len(NAMES) + 1)]
-    for i in range(n):
-        d = doc["difference"][i]
-        lines.append(f"| {i + 1} | " + " | ".join(f"{100 * rounds[c][i]['accuracy']:.1f}%" for c in NAMES)
-                     + f" | {100 * d['seed_pool_minus_fedavg']:+.1f} ({100 * d['paired_se']:.1f}) |")
-    sp, fa = rounds["seed-pool"], rounds["fedavg"]
+    diff = {d["round"]: d for d in doc["difference"]}
+    for i, row in enumerate(rounds["seed-pool"]):
+        d = diff.get(row["round"])
+        lines.append(f"| {row['round']} | " + " | ".join(f"{100 * rounds[c][i]['accuracy']:.1f}%" for c in NAMES)
+                     + (f" | {100 * d['seed_pool_minus_fedavg']:+.1f} ({100 * d['paired_se']:.1f}) |" if d else " | |"))
+    sp, fa = rounds["seed-pool"][1:], rounds["fedavg"][1:]
     lines += ["", "| bytes per device per round (mean over rounds) | seed-pool ZO | FedAvg of adapters | ratio |",
               "|---|---:|---:|---:|"]
-    pairs = [("upload, as `zoedge push` sends it (tar)", "upload_bytes", "upload_bytes"),
-             ("upload, gzipped", "upload_bytes_gzip", "upload_bytes_gzip"),
-             ("download, as `zoedge pull` gets it (the stored global)", "download_bytes", "download_bytes"),
-             ("download, coefficients + start only, gzipped (not served today)",
-              "download_coefficients_only_bytes_gzip", "download_bytes_gzip"),
-             ("**total today** (tar up + pull down)", "bytes_per_device", "bytes_per_device"),
-             ("**total lean** (gzip up + coefficients-only gzip down; FedAvg gzip both)", "bytes_per_device_lean",
-              None)]
+    pairs = [("upload (`zoedge push`: coefficients, gzipped / adapter, tar)", "upload_bytes", "upload_bytes"),
+             ("download (seed-pool: `pull --format coefficients`, gzipped; FedAvg: `pull`, tar)", "download_bytes",
+              "download_bytes"),
+             ("**total**", "bytes_per_device", "bytes_per_device"),
+             ("FedAvg gzipped both ways too", "bytes_per_device", None),
+             ("seed-pool pulling the whole stored global (`pull`, no --format)", None, "bytes_per_device")]
     for label, ks, kf in pairs:
-        a = mean(sp, ks)
+        a = mean(sp, ks) if ks else mean(sp, "upload_bytes") + mean(sp, "download_whole_bytes")
         b = mean(fa, kf) if kf else mean(fa, "upload_bytes_gzip") + mean(fa, "download_bytes_gzip")
         lines.append(f"| {label} | {kb(a)} | {kb(b)} | 1/{b / a:.0f} |")
-    lines += ["", f"FedAvg's agent push (trajectory format, the patch rebased onto the bundle) averaged "
-              f"{kb(mean(fa, 'upload_trajectory_bytes'))}; a seed-pool patch in adapter format "
-              f"{kb(mean(sp, 'upload_adapter_bytes'))}. Seconds per device per round (training only, mean): "
-              + ", ".join(f"{NAMES[c]} {mean(rounds[c], 'train_seconds') / len(rounds[c][0]['devices']):.1f} s"
-                          for c in NAMES) + "."]
+    lines += ["", f"FedAvg's agent push (trajectory format, the patch rebased onto the bundle: its start carries the "
+              f"global's tensors) averaged {kb(mean(fa, 'upload_trajectory_bytes'))}. Seconds per device per round "
+              "(training, mean): " + ", ".join(
+                  f"{NAMES[c]} {mean(rounds[c][1:], 'train_seconds') / len(rounds[c][1]['devices']):.1f} s"
+                  for c in NAMES) + "."]
     return "\n".join(lines)
 
 

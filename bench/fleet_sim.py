@@ -1,27 +1,32 @@
 """Fleet simulation (issue 16): N devices on a non-IID split, R rounds, three contenders on one compute budget.
 
-  python -m bench.fleet_sim [--tasks sst2,bbc] [--devices 20] [--rounds 6] [--steps 10] [--batch 16] ...
+  python -m bench.fleet_sim [--tasks sst2,bbc] [--devices 20] [--per-round 6] [--rounds 8] [--steps 20] ...
   python -m bench.fleet_sim report        # the plot (docs/fleet_sim.png) and the markdown table, from the JSON
 
 Every device trains with zoedge's own trainer (`zoedge.runtime.loop.train`), in this process, on its share of the
 task's training pool: a Dirichlet(alpha) split over labels (Hsu et al. 2019), seeded, redrawn until every device
 holds at least MIN_EXAMPLES. Each round --per-round of the devices (a seeded sample, the same for both fleets) take
---steps ZO steps each (batch --batch) from the current global model, and:
+--steps ZO steps each (batch --batch) from the current global model.
 
-* seed-pool: `train --seed-pool K` (round 1 `--head-init lp`, then `--seed-pool-from GLOBAL`); the server's
+Every contender starts from one round-0 global: the bundle's trainables with a linear-probe head that the server
+fits on a few labelled rows per class (`--start probe`, the trainer's own `fit_probe_head`; those rows are kept out
+of the devices' data), or the bundle's own head (`--start bundle`). Then, per round:
+
+* seed-pool: `train --seed-pool K --seed-pool-from GLOBAL` (the start travels as its start.safetensors); the server's
   aggregation is `zoedge.runtime.seedpool.average` (examples-weighted mean of the coefficient vectors and head
   starts, the tensors rebuilt from the pool);
-* fedavg: ordinary ZO (its own direction stream) on the global's tensors (round 1 `--head-init lp` on the bundle,
-  then on `zoedge.device.rebase.derive_bundle(bundle, GLOBAL)`, as the agent does); the server's aggregation is
-  `zoedge.server.aggregate.fedavg` of the devices' adapters (examples-weighted);
+* fedavg: ordinary ZO (its own direction stream) on the global's tensors (`train` on
+  `zoedge.device.rebase.derive_bundle(bundle, GLOBAL)`, then `rebase_patch`, as the agent does); the server's
+  aggregation is `zoedge.server.aggregate.fedavg` of the devices' adapters (examples-weighted);
 * single: device 0 alone, --steps per round for R rounds (what one fleet device takes over the run if it is in
   every round), on its own data, continuing its own patch each round (derive_bundle); no averaging.
 
 The global of a round is written with `zoedge.runtime.patch.write_patch`, as `POST /v1/bundles/{id}/aggregate`
 writes it. Bytes are the archives zoedge builds: an upload is `Outbox.enqueue_patch(patch, format)` (what `zoedge
-push --format F` sends), a download is the global's whole directory packed with `zoedge.transfer.pack` (what the
-server stores and `zoedge pull` downloads). Accuracy is the global model's on the task's test set (capped at
-TEST_CAP), with a paired standard error over test items for the seed-pool - fedavg difference.
+push --format F` sends: coefficients for seed-pool, gzipped; adapter for fedavg), a download is the global packed
+as the server serves it: `?format=coefficients` (gzipped; what the agent of a seed-pool fleet pulls) for seed-pool,
+the whole stored directory (`zoedge pull`) for fedavg. Accuracy is the global model's on the task's test set (capped
+at --test-cap), with a paired standard error over test items for the seed-pool - fedavg difference.
 """
 
 from __future__ import annotations
@@ -85,19 +90,20 @@ def upload_bytes(patch_dir: Path, fmt: str) -> tuple[int, int]:
         return entry.bytes, entry.bytes if body[:2] == b"\x1f\x8b" else len(gzip.compress(body, mtime=0))
 
 
-def archive_bytes(patch_dir: Path, fmt: str | None = None) -> tuple[int, int]:
-    """(the packed size of the whole patch directory (fmt None: what the server stores and `zoedge pull` gets)
-    or of one format's files, the same gzipped)."""
+def archive_bytes(patch_dir: Path, fmt: str | None = None, compress: bool = False) -> tuple[int, int]:
+    """(the packed size of the whole patch directory (fmt None: what the server stores and `zoedge pull` gets) or
+    of one format's files (compress: gzipped, as `zoedge pull --format coefficients` gets them), that gzipped)."""
     from zoedge.transfer import format_files, pack
 
     with tempfile.TemporaryDirectory() as tmp:
-        size = pack(patch_dir, Path(tmp) / "p.tar", format_files(patch_dir, fmt) if fmt else None)[1]
-        return size, len(gzip.compress((Path(tmp) / "p.tar").read_bytes(), mtime=0))
+        size = pack(patch_dir, Path(tmp) / "p.tar", format_files(patch_dir, fmt) if fmt else None, compress)[1]
+        body = (Path(tmp) / "p.tar").read_bytes()
+        return size, size if compress else len(gzip.compress(body, mtime=0))
 
 
 def wire_bytes(uploads: list[dict], down: dict) -> dict:
-    """A round's bytes per device: each measure as tar (what is sent today) and gzip, uploads averaged over the
-    devices; bytes_per_device = upload + download as sent today."""
+    """A round's bytes per device, each measure as sent and gzipped (uploads averaged over the devices);
+    bytes_per_device = upload + download."""
     row = {}
     for key in uploads[0]:
         row[f"{key}_bytes"] = int(np.mean([u[key][0] for u in uploads]))
@@ -105,8 +111,6 @@ def wire_bytes(uploads: list[dict], down: dict) -> dict:
     for key, (tar, gz) in down.items():
         row[f"{key}_bytes"], row[f"{key}_bytes_gzip"] = tar, gz
     row["bytes_per_device"] = row["upload_bytes"] + row["download_bytes"]
-    if "download_coefficients_only_bytes" in row:  # a gzipped coefficients push and a coefficients-only pull
-        row["bytes_per_device_lean"] = row["upload_bytes_gzip"] + row["download_coefficients_only_bytes_gzip"]
     return row
 
 
@@ -121,7 +125,7 @@ def write_global(out: Path, m, tensors: dict, patches: list[Path], weights: list
     from zoedge.runtime.zo import ZOConfig
 
     cfg = ZOConfig()
-    prompts = {PatchDoc.load(p).prompt_template for p in patches}
+    prompts = {PatchDoc.load(p).prompt_template for p in patches} or {None}
     meta = {"kind": "global", "version": version, "parents": [p.name for p in patches], "steps": 0, "run_seed": 0,
             "zo": cfg.to_dict(), "examples": int(sum(weights)), "metrics": {}, "prompt_template": prompts.pop()}
     meta.update(pool or {})
@@ -157,11 +161,40 @@ class TestEval:
 # ---- one task ----------------------------------------------------------------------------------------------------
 
 
-def device_cfg(a, seed: int, first: bool, **extra):
+def device_cfg(a, seed: int, **extra):
     from zoedge.runtime.config import TrainConfig
 
     return TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, eps=a.eps, seed=seed, keep="last",
-                       checkpoint_every=0, lp_examples=a.lp_examples, head_init="lp" if first else "none", **extra)
+                       checkpoint_every=0, head_init="none", **extra)
+
+
+def probe_head(bundle_dir: Path, rows_tsv: Path, seed: int, log) -> dict:
+    """The trainer's own linear-probe head start (`fit_probe_head`, warm-start L2 floor) fitted on rows_tsv."""
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluator import Evaluator, load_dataset
+    from zoedge.runtime.forward import open_forward
+    from zoedge.runtime.head_start import fit_probe_head
+
+    b = Bundle.open(bundle_dir)
+    t = b.initial_trainables()
+    ev = Evaluator(b, open_forward(b, t), 16)
+    start, _ = fit_probe_head(b.manifest, b, ev, load_dataset(rows_tsv, b.manifest), t, 1 << 30, seed, [], log,
+                              warm_start=True)
+    return start
+
+
+def round_zero(a, work: Path, m, initial: dict, start: dict, examples: int) -> dict[str, Path]:
+    """The global every contender starts from: the bundle's trainables with the start (head) laid over them; for
+    the seed-pool fleet a seed-pool patch with a zero vector (its start travels in start.safetensors)."""
+    from zoedge.runtime.seedpool import pool_id
+
+    tensors = {**initial, **start}
+    out = {c: write_global(work / c / "r00" / "global", m, tensors, [], [examples], 0) for c in CONTENDERS
+           if c != "seed-pool"}
+    out["seed-pool"] = write_global(work / "seed-pool" / "r00" / "global", m, tensors, [], [examples], 0, start,
+                                    np.zeros(a.seed_pool, np.float32),
+                                    {"seed_pool_id": pool_id(m), "seed_pool_k": a.seed_pool})
+    return out
 
 
 def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
@@ -178,45 +211,50 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
     task = datasets.load_task(task_name, a.sst2)
     work = a.work / task_name
     shutil.rmtree(work, ignore_errors=True)
-    parts = dirichlet_split([lab for _, lab in task.pool], task.labels, a.devices, a.alpha, a.seed)
-    data = [datasets.write_tsv(work / "devices" / f"dev{d:02d}.tsv", [task.pool[i] for i in p])
+    pool, held = task.pool, []
+    if a.start == "probe":  # the server's few labelled rows (k per class), kept out of the devices' data
+        held = datasets.kshot(task, a.probe_k, datasets.SEEDS[0]).train
+        taken = {t for t, _ in held}
+        pool = [row for row in task.pool if row[0] not in taken]
+    parts = dirichlet_split([lab for _, lab in pool], task.labels, a.devices, a.alpha, a.seed)
+    data = [datasets.write_tsv(work / "devices" / f"dev{d:02d}.tsv", [pool[i] for i in p])
             for d, p in enumerate(parts)]
     test = task.test[:a.test_cap]
     test_tsv = datasets.write_tsv(work / "test.tsv", test)
-    counts = [[sum(task.pool[i][1] == c for i in p) for c in task.labels] for p in parts]
+    counts = [[sum(pool[i][1] == c for i in p) for c in task.labels] for p in parts]
     m = Bundle.open(bundle_dir).manifest
     initial = Bundle.open(bundle_dir, check_files=False).initial_trainables()
     tester = TestEval(bundle_dir, test_tsv)
     quiet = lambda _msg: None  # noqa: E731
-    base_correct = tester.correct(initial)
-    log(f"{task_name}: {a.devices} devices, {len(task.pool)} pool rows, sizes {min(map(len, parts))}.."
-        f"{max(map(len, parts))}; test {len(test)}; bundle head {base_correct.mean():.3f}")
+    start = probe_head(bundle_dir, datasets.write_tsv(work / "server.tsv", held), a.seed, quiet) if held else {}
+    glob = round_zero(a, work, m, initial, start, max(len(held), 1))
+    start_correct = tester.correct({**initial, **start})
+    log(f"{task_name}: {a.devices} devices, {len(pool)} pool rows, sizes {min(map(len, parts))}.."
+        f"{max(map(len, parts))}; test {len(test)}; start ({a.start}, {len(held)} rows) {start_correct.mean():.3f}")
 
     pick = np.random.Generator(np.random.PCG64([a.seed, 0xF1EE7]))  # who takes part in each round: both fleets
     sample = [sorted(pick.choice(a.devices, size=a.per_round, replace=False).tolist()) for _ in range(a.rounds)]
-    rounds: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-    correct: dict[str, list[np.ndarray]] = {c: [] for c in CONTENDERS}
-    glob: dict[str, Path | None] = {c: None for c in CONTENDERS}
+    rounds: dict[str, list[dict]] = {c: [{"round": 0, "accuracy": round(float(start_correct.mean()), 4)}]
+                                     for c in CONTENDERS}
+    correct: dict[str, list[np.ndarray]] = {c: [start_correct] for c in CONTENDERS}
     for r in range(1, a.rounds + 1):
-        first = r == 1
         for contender in CONTENDERS:
             t0 = time.perf_counter()
             rdir = work / contender / f"r{r:02d}"
             devices = [0] if contender == "single" else sample[r - 1]
             train_on = bundle_dir  # seed-pool devices continue the global on the bundle itself
-            if contender != "seed-pool" and not first:
+            if contender != "seed-pool":
                 train_on = derive_bundle(bundle_dir, glob[contender], rdir / "derived")
             patches, weights, wire, train_s = [], [], [], 0.0
             for d in devices:
                 out = rdir / f"dev{d:02d}"
-                extra = {"seed_pool": a.seed_pool} if contender == "seed-pool" else {}
-                if contender == "seed-pool" and not first:
-                    extra["seed_pool_from"] = str(glob[contender])
-                res = train(train_on, data[d], out, device_cfg(a, 1000 * r + d, first, **extra), log=quiet)
+                extra = {"seed_pool": a.seed_pool, "seed_pool_from": str(glob[contender])} \
+                    if contender == "seed-pool" else {}
+                res = train(train_on, data[d], out, device_cfg(a, 1000 * r + d, **extra), log=quiet)
                 train_s += res["seconds"]
                 weights.append(float(len(parts[d])))
                 pushed = out
-                if contender != "seed-pool" and not first:  # as the agent pushes it: re-expressed on the bundle
+                if contender != "seed-pool":  # as the agent pushes it: re-expressed against the bundle
                     pushed = rdir / f"push{d:02d}"
                     rebase_patch(out, train_on, bundle_dir, pushed)
                 patches.append(pushed)
@@ -229,10 +267,10 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
             gdir = rdir / "global"
             if contender == "seed-pool":
                 docs = [PatchDoc.load(p) for p in patches]
-                tensors, start, c, pool = seedpool.average(m, initial, patches, docs, weights)
-                write_global(gdir, m, tensors, patches, weights, r, start, c, pool)
-                down = {"download": archive_bytes(gdir),
-                        "download_coefficients_only": archive_bytes(gdir, "coefficients")}
+                tensors, g_start, c, pool_meta = seedpool.average(m, initial, patches, docs, weights)
+                write_global(gdir, m, tensors, patches, weights, r, g_start, c, pool_meta)
+                down = {"download": archive_bytes(gdir, "coefficients", compress=True),  # the seed-pool agent's pull
+                        "download_whole": archive_bytes(gdir)}
             else:  # fedavg; single: the one device's patch is its model
                 tensors = fedavg([load_patch_tensors(p, m) for p in patches], weights)
                 write_global(gdir, m, tensors, patches, weights, r)
@@ -251,14 +289,14 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
                 if p.name != "global":
                     shutil.rmtree(p, ignore_errors=True)
     diffs = []
-    for r in range(a.rounds):
+    for r in range(1, a.rounds + 1):
         d = correct["seed-pool"][r].astype(float) - correct["fedavg"][r].astype(float)
-        diffs.append({"round": r + 1, "seed_pool_minus_fedavg": round(float(d.mean()), 4),
+        diffs.append({"round": r, "seed_pool_minus_fedavg": round(float(d.mean()), 4),
                       "paired_se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4),
                       "disagreements": int(np.sum(d != 0))})
-    return {"task": task_name, "labels": task.labels, "pool": len(task.pool), "test": len(test),
-            "bundle": str(bundle_dir), "bundle_id": m.bundle_id,
-            "bundle_head_accuracy": round(float(base_correct.mean()), 4),
+    return {"task": task_name, "labels": task.labels, "pool": len(pool), "test": len(test),
+            "bundle": str(bundle_dir), "bundle_id": m.bundle_id, "start": a.start, "server_rows": len(held),
+            "start_accuracy": round(float(start_correct.mean()), 4),
             "device_examples": [len(p) for p in parts], "device_label_counts": counts,
             "rounds": rounds, "difference": diffs, "seconds": round(time.perf_counter() - t_task, 1),
             "final_correct": {c: "".join(map(str, correct[c][-1].tolist())) for c in CONTENDERS}}
@@ -289,14 +327,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--bundle", action="append", default=[], help="TASK=DIR: use this bundle instead of exporting")
     ap.add_argument("--sst2", type=Path, default=SST2)
     ap.add_argument("--devices", type=int, default=20)
-    ap.add_argument("--per-round", type=int, default=8, help="devices sampled (seeded) to train in each round")
+    ap.add_argument("--per-round", type=int, default=6, help="devices sampled (seeded) to train in each round")
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=10, help="ZO steps per device per round")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20, help="ZO steps per device per round")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eps", type=float, default=1e-2)
-    ap.add_argument("--lp-examples", type=int, default=256, help="examples of a device's round-1 linear probe")
+    ap.add_argument("--start", choices=("probe", "bundle"), default="probe",
+                    help="probe: a linear-probe head fitted by the server on --probe-k rows per class (LM-BFF split, "
+                         "seed 13) kept out of the devices' data; bundle: the bundle's own head")
+    ap.add_argument("--probe-k", type=int, default=16)
     ap.add_argument("--seed-pool", type=int, default=1024, help="K")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed")
     ap.add_argument("--test-cap", type=int, default=1000)
