@@ -44,9 +44,13 @@ def table(doc: dict) -> str:
               "download_bytes"),
              ("**total**", "bytes_per_device", "bytes_per_device"),
              ("FedAvg gzipped both ways too", "bytes_per_device", None),
+             ("what-if: seed-pool without the head start either way (not implemented)", "no_start", "bytes_per_device"),
              ("seed-pool pulling the whole stored global (`pull`, no --format)", None, "bytes_per_device")]
     for label, ks, kf in pairs:
-        a = mean(sp, ks) if ks else mean(sp, "upload_bytes") + mean(sp, "download_whole_bytes")
+        if ks == "no_start":
+            a = mean(sp, "upload_no_start_bytes") + mean(sp, "download_no_start_bytes")
+        else:
+            a = mean(sp, ks) if ks else mean(sp, "upload_bytes") + mean(sp, "download_whole_bytes")
         b = mean(fa, kf) if kf else mean(fa, "upload_bytes_gzip") + mean(fa, "download_bytes_gzip")
         lines.append(f"| {label} | {kb(a)} | {kb(b)} | 1/{b / a:.0f} |")
     lines += ["", f"FedAvg's agent push (trajectory format, the patch rebased onto the bundle: its start carries the "

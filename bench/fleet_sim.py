@@ -90,13 +90,16 @@ def upload_bytes(patch_dir: Path, fmt: str) -> tuple[int, int]:
         return entry.bytes, entry.bytes if body[:2] == b"\x1f\x8b" else len(gzip.compress(body, mtime=0))
 
 
-def archive_bytes(patch_dir: Path, fmt: str | None = None, compress: bool = False) -> tuple[int, int]:
+def archive_bytes(patch_dir: Path, fmt: str | None = None, compress: bool = False,
+                  drop: tuple[str, ...] = ()) -> tuple[int, int]:
     """(the packed size of the whole patch directory (fmt None: what the server stores and `zoedge pull` gets) or
-    of one format's files (compress: gzipped, as `zoedge pull --format coefficients` gets them), that gzipped)."""
+    of one format's files (compress: gzipped, as `zoedge pull --format coefficients` gets them) less `drop`, that
+    gzipped)."""
     from zoedge.transfer import format_files, pack
 
     with tempfile.TemporaryDirectory() as tmp:
-        size = pack(patch_dir, Path(tmp) / "p.tar", format_files(patch_dir, fmt) if fmt else None, compress)[1]
+        names = [n for n in format_files(patch_dir, fmt) if n not in drop] if fmt else None
+        size = pack(patch_dir, Path(tmp) / "p.tar", names, compress)[1]
         body = (Path(tmp) / "p.tar").read_bytes()
         return size, size if compress else len(gzip.compress(body, mtime=0))
 
@@ -200,7 +203,7 @@ def round_zero(a, work: Path, m, initial: dict, start: dict, examples: int) -> d
 def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
     from zoedge import datasets
     from zoedge.device.rebase import derive_bundle, rebase_patch
-    from zoedge.patchdoc import PatchDoc
+    from zoedge.patchdoc import START_FILE, PatchDoc
     from zoedge.runtime import seedpool
     from zoedge.runtime.bundle import Bundle
     from zoedge.runtime.loop import train
@@ -260,7 +263,8 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
                 patches.append(pushed)
                 if contender == "seed-pool":
                     wire.append({"upload": upload_bytes(out, "coefficients"),
-                                 "upload_adapter": upload_bytes(out, "adapter")})
+                                 "upload_adapter": upload_bytes(out, "adapter"),  # what-if: no head start
+                                 "upload_no_start": archive_bytes(out, "coefficients", True, (START_FILE,))})
                 elif contender == "fedavg":  # the adapter tensors as trained; the agent's trajectory push
                     wire.append({"upload": upload_bytes(out, "adapter"),
                                  "upload_trajectory": upload_bytes(pushed, "trajectory")})
@@ -270,7 +274,8 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
                 tensors, g_start, c, pool_meta = seedpool.average(m, initial, patches, docs, weights)
                 write_global(gdir, m, tensors, patches, weights, r, g_start, c, pool_meta)
                 down = {"download": archive_bytes(gdir, "coefficients", compress=True),  # the seed-pool agent's pull
-                        "download_whole": archive_bytes(gdir)}
+                        "download_whole": archive_bytes(gdir),
+                        "download_no_start": archive_bytes(gdir, "coefficients", True, (START_FILE,))}
             else:  # fedavg; single: the one device's patch is its model
                 tensors = fedavg([load_patch_tensors(p, m) for p in patches], weights)
                 write_global(gdir, m, tensors, patches, weights, r)
