@@ -8,8 +8,12 @@ from pathlib import Path
 NAMES = {"seed-pool": "seed-pool ZO", "fedavg": "FedAvg of adapters", "single": "single device"}
 
 
-def load(results: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("*.json"))]
+def load(results: Path) -> dict[str, list[dict]]:
+    """{task: [the main run (TASK.json), then its replicates (TASK-tN.json, other training seeds)]}."""
+    out: dict[str, list[dict]] = {}
+    for p in sorted(Path(results).glob("*.json"), key=lambda p: (p.stem.split("-t")[0], "-t" in p.stem, p.stem)):
+        out.setdefault(p.stem.split("-t")[0], []).append(json.loads(p.read_text()))
+    return {t: runs for t, runs in out.items() if runs[0]["settings"].get("train_seed", 0) == 0}
 
 
 def kb(n: float | None) -> str:
@@ -61,6 +65,22 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def replicates(runs: list[dict]) -> str:
+    """Training-seed spread: per run, the last round's accuracy and the mean over rounds 1..R per fleet."""
+    if len(runs) < 2:
+        return ""
+    parts = []
+    for doc in runs:
+        sp, fa = doc["rounds"]["seed-pool"][1:], doc["rounds"]["fedavg"][1:]
+        diff = [d["seed_pool_minus_fedavg"] for d in doc["difference"]]
+        parts.append(f"training seed {doc['settings'].get('train_seed', 0)}: last round seed-pool "
+                     f"{100 * sp[-1]['accuracy']:.1f}% / FedAvg {100 * fa[-1]['accuracy']:.1f}%, mean over rounds "
+                     f"{100 * mean(sp, 'accuracy'):.1f}% / {100 * mean(fa, 'accuracy'):.1f}% (difference "
+                     f"{100 * sum(diff) / len(diff):+.1f})")
+    return "Replicates (same split, start and device samples; other ZO directions and minibatches): " + \
+        "; ".join(parts) + "."
+
+
 def plot(docs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -86,11 +106,12 @@ def plot(docs: list[dict], path: Path) -> None:
 
 
 def report(results: Path, plot_path: Path | None) -> str:
-    docs = load(results)
+    runs = load(results)
+    docs = [r[0] for r in runs.values()]
     if not docs:
         from zoedge.errors import ZoedgeError
 
         raise ZoedgeError(f"fleet: no results in {results} (run `python -m bench.fleet_sim` first)")
     if plot_path is not None:
         plot(docs, plot_path)
-    return "\n\n".join(table(d) for d in docs)
+    return "\n\n".join(table(r[0]) + ("\n\n" + replicates(r) if len(r) > 1 else "") for r in runs.values())

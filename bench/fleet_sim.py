@@ -212,7 +212,7 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
 
     t_task = time.perf_counter()
     task = datasets.load_task(task_name, a.sst2)
-    work = a.work / task_name
+    work = a.work / (f"{task_name}-t{a.train_seed}" if a.train_seed else task_name)
     shutil.rmtree(work, ignore_errors=True)
     pool, held = task.pool, []
     if a.start == "probe":  # the server's few labelled rows (k per class), kept out of the devices' data
@@ -253,7 +253,8 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
                 out = rdir / f"dev{d:02d}"
                 extra = {"seed_pool": a.seed_pool, "seed_pool_from": str(glob[contender])} \
                     if contender == "seed-pool" else {}
-                res = train(train_on, data[d], out, device_cfg(a, 1000 * r + d, **extra), log=quiet)
+                seed = 1000 * r + d + 100_000 * a.train_seed
+                res = train(train_on, data[d], out, device_cfg(a, seed, **extra), log=quiet)
                 train_s += res["seconds"]
                 weights.append(float(len(parts[d])))
                 pushed = out
@@ -344,7 +345,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "seed 13) kept out of the devices' data; bundle: the bundle's own head")
     ap.add_argument("--probe-k", type=int, default=16)
     ap.add_argument("--seed-pool", type=int, default=1024, help="K")
-    ap.add_argument("--seed", type=int, default=0, help="the split's seed")
+    ap.add_argument("--seed", type=int, default=0, help="the split's (and the round samples') seed")
+    ap.add_argument("--train-seed", type=int, default=0,
+                    help="> 0: a replicate with other ZO directions and minibatches (same split, samples and start); "
+                         "written as TASK-tN.json")
     ap.add_argument("--test-cap", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=WORK)
@@ -379,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                        loadavg=[list(load0), list(os.getloadavg())], git=git_state(),
                        finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             a.results.mkdir(parents=True, exist_ok=True)
-            (a.results / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
-            log(f"{name}: wrote {a.results / (name + '.json')} ({doc['seconds']} s, cpu {doc['cpu_seconds']} s)")
+            path = a.results / (f"{name}-t{a.train_seed}.json" if a.train_seed else f"{name}.json")
+            path.write_text(json.dumps(doc, indent=1) + "\n")
+            log(f"{name}: wrote {path} ({doc['seconds']} s, cpu {doc['cpu_seconds']} s)")
     except ZoedgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
