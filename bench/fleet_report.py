@@ -81,21 +81,26 @@ def replicates(runs: list[dict]) -> str:
         "; ".join(parts) + "."
 
 
-def plot(docs: list[dict], path: Path) -> None:
+def plot(runs: list[list[dict]], path: Path) -> None:
+    """One panel per task: accuracy per round of the three contenders (replicates faint, unlabelled)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(docs), figsize=(5.2 * len(docs), 3.8), squeeze=False)
-    for ax, doc in zip(axes[0], docs):
-        for c, style in zip(NAMES, ("o-", "s--", "^:")):
-            rows = doc["rounds"][c]
-            ax.plot([r["round"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=NAMES[c])
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 3.8), squeeze=False)
+    for ax, task_runs in zip(axes[0], runs):
+        doc = task_runs[0]
+        for c, style, color in zip(NAMES, ("o-", "s--", "^:"), ("C0", "C1", "C2")):
+            for i, run in enumerate(task_runs):
+                rows = run["rounds"][c]
+                ax.plot([r["round"] for r in rows], [100 * r["accuracy"] for r in rows], style, color=color,
+                        label=None if i else NAMES[c], alpha=1.0 if i == 0 else 0.35, markersize=None if i == 0 else 3)
         s = doc["settings"]
         ax.set_title(f"{doc['task']}: {s['devices']} devices ({s['per_round']} per round), Dirichlet α={s['alpha']}, "
                      f"{s['steps']} ZO steps x {s['batch']}", fontsize=9)
-        ax.set_xlabel("round")
+        ax.set_xlabel("round (0: the shared start)" + (f"; faint: {len(task_runs) - 1} other training seed(s)"
+                                                        if len(task_runs) > 1 else ""), fontsize=8)
         ax.set_ylabel(f"test accuracy (%, {doc['test']} items)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -113,5 +118,5 @@ def report(results: Path, plot_path: Path | None) -> str:
 
         raise ZoedgeError(f"fleet: no results in {results} (run `python -m bench.fleet_sim` first)")
     if plot_path is not None:
-        plot(docs, plot_path)
+        plot(list(runs.values()), plot_path)
     return "\n\n".join(table(r[0]) + ("\n\n" + replicates(r) if len(r) > 1 else "") for r in runs.values())
