@@ -86,6 +86,10 @@ class ZoedgeStrategy(FedAvg):
     def weight(self, reply: Message) -> float:
         return float(reply.content[records.METRICS][records.WEIGHT])
 
+    def nbytes(self, reply: Message) -> int:
+        """The bytes of the arrays a device sent (Flower serialises each as a .npy)."""
+        return sum(len(a.data) for a in reply.content[records.ARRAYS].values())
+
     def claimed(self, reply: Message) -> str:
         patch = reply.content.get(records.PATCH)
         return str(patch.get("adapter-sha256", "")) if patch is not None else ""
@@ -135,7 +139,8 @@ class SeedPoolZO(ZoedgeStrategy):
             dirs.append(rdir / f"node-{node}")
             docs.append(doc)
             weights.append(self.weight(reply))
-            devices.append({"node_id": node, "examples": weights[-1], "adapter_sha256": doc.adapter_sha256})
+            devices.append({"node_id": node, "examples": weights[-1], "adapter_sha256": doc.adapter_sha256,
+                            "update_bytes": self.nbytes(reply)})
         if not docs:
             return None, metrics
         initial = self.bundle.initial_trainables()
@@ -181,7 +186,8 @@ class AdapterFedAvg(ZoedgeStrategy):
                 continue
             tensor_sets.append(tensors)
             weights.append(self.weight(reply))
-            devices.append({"node_id": node, "examples": weights[-1], "adapter_sha256": tensor_digest(tensors)})
+            devices.append({"node_id": node, "examples": weights[-1], "adapter_sha256": tensor_digest(tensors),
+                            "update_bytes": self.nbytes(reply)})
         if not tensor_sets:
             return None, metrics
         averaged = fedavg(tensor_sets, weights)
