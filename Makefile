@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.zoedge-installed
 SST2   ?= ../shared/data/sst2
 DEMO   ?= demo-out
 
-.PHONY: install demo test test-slow test-server test-tflite test-reliability bench clean
+.PHONY: install demo test test-slow test-server test-tflite test-reliability test-arm64 bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ test-server: install
 test-tflite:
 	bash scripts/tflite_env.sh
 	.venv-tflite/bin/python -m pytest -q -m tflite tests/test_tflite.py
+
+# The device side on aarch64 under qemu (issue 17): an arm64 Debian rootfs in .arm64/ (kept), the device extra from
+# aarch64 wheels, ARM training replayed bit-exactly by an x86 server, same predictions; needs root. Opt-in, not in CI.
+test-arm64: install
+	SST2=$(abspath $(SST2)) bash scripts/arm64_check.sh
 
 # The long reliability campaign: 50 SIGKILLs with resume (the same --resume command line every time), the
 # training-trust cases of issue 13 (guard, rollback + replay, corrupt checkpoints, poisoned patches, foreign
