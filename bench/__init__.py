@@ -5,6 +5,7 @@
   python -m bench.kshot_explore probe|train ...  lever exploration on one k-shot split (docs/learning.md)
   python -m bench.quant_encoders ...            encoder int8 schemes against fp32 (docs/quantization.md)
   python -m bench.batch_dependence BUNDLE ...   how much a bundle's eval accuracy depends on the eval batch
+  python -m bench.fleet_sim [report] ...        a simulated fleet: seed-pool ZO vs FedAvg vs one device (docs/fleet.md)
 
 Every data, work and result path is an option; the defaults below are relative to this checkout.
 """
