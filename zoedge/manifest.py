@@ -97,7 +97,7 @@ class Lineage:
 @dataclass
 class Manifest:
     model_id: str
-    architecture: str  # "bert" | "llama"
+    architecture: str  # "bert" | "llama" | "gemma3_text"
     kind: str  # one of KINDS
     task: str  # one of TASKS
     max_length: int

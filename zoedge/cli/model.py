@@ -35,7 +35,7 @@ def export(
     lora_rank: int = typer.Option(8, help="LoRA rank"),
     lora_alpha: float = typer.Option(16.0, help="LoRA alpha"),
     lora_targets: str = typer.Option("q,v", help="LoRA targets: q,k,v,o,up,down,gate or module names"),
-    quant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int8-token | int8-dynamic | int8-weight | int8-static | int4 (default: by target; int8 = per-token int8 for encoders, weight-only for llama)"),
+    quant: Optional[str] = typer.Option(None, help="fp32 | fp16 | int8 | int8-token | int8-dynamic | int8-weight | int8-static | int4 (default: by target; int8 = per-token int8 for encoders, weight-only for llama / gemma3 decoders)"),
     calibration: Optional[Path] = typer.Option(None, help="Text file (TSV/CSV/JSONL) for int8-static calibration"),
     quant_exclude: Optional[str] = typer.Option(None, help="Regex over source module paths to keep in float, e.g. down_proj"),
     target: str = typer.Option("cpu", help="cpu | pi | jetson | phone"),
