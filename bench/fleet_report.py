@@ -11,7 +11,8 @@ NAMES = {"seed-pool": "seed-pool ZO", "fedavg": "FedAvg of adapters", "single": 
 def load(results: Path) -> dict[str, list[dict]]:
     """{task: [the main run (TASK.json), then its replicates (TASK-tN.json, other training seeds)]}."""
     out: dict[str, list[dict]] = {}
-    for p in sorted(Path(results).glob("*.json"), key=lambda p: (p.stem.split("-t")[0], "-t" in p.stem, p.stem)):
+    key = lambda p: (p.stem.split("-t")[0] != "sst2", p.stem.split("-t")[0], "-t" in p.stem, p.stem)  # noqa: E731
+    for p in sorted(Path(results).glob("*.json"), key=key):
         out.setdefault(p.stem.split("-t")[0], []).append(json.loads(p.read_text()))
     return {t: runs for t, runs in out.items() if runs[0]["settings"].get("train_seed", 0) == 0}
 
