@@ -136,7 +136,7 @@ def write_global(out: Path, m, tensors: dict, patches: list[Path], weights: list
     return out
 
 
-class TestEval:
+class Scorer:
     """The test set's accuracy for given trainable tensors: one forward session, rows sorted by length (less
     padding; the accuracy does not depend on the order)."""
 
@@ -227,7 +227,7 @@ def run_task(a, task_name: str, bundle_dir: Path, log) -> dict:
     counts = [[sum(pool[i][1] == c for i in p) for c in task.labels] for p in parts]
     m = Bundle.open(bundle_dir).manifest
     initial = Bundle.open(bundle_dir, check_files=False).initial_trainables()
-    tester = TestEval(bundle_dir, test_tsv)
+    tester = Scorer(bundle_dir, test_tsv)
     quiet = lambda _msg: None  # noqa: E731
     start = probe_head(bundle_dir, datasets.write_tsv(work / "server.tsv", held), a.seed, quiet) if held else {}
     glob = round_zero(a, work, m, initial, start, max(len(held), 1))
@@ -315,7 +315,10 @@ def bundle_for(a, task_name: str, log) -> Path:
     """--bundle TASK=DIR, else the k-shot bench's cached export (re-exported when the exporter changed)."""
     from bench import kshot_setup
     from zoedge import datasets
+    from zoedge.errors import ZoedgeError
 
+    if any("=" not in b for b in a.bundle):
+        raise ZoedgeError(f"bad --bundle {next(b for b in a.bundle if '=' not in b)!r}: give TASK=DIR")
     given = dict(b.split("=", 1) for b in a.bundle)
     if task_name in given:
         return Path(given[task_name])
