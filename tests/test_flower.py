@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO
 from runtime_helpers import write_sentiment
 from zoedge.manifest import Manifest
-from zoedge.patchdoc import ADAPTER_FILE, COEFFICIENTS_FILE, PatchDoc
+from zoedge.patchdoc import ADAPTER_FILE, COEFFICIENTS_FILE, START_FILE, PatchDoc
 from zoedge.runtime.patch import load_patch_tensors, replay_patch
 from zoedge.runtime.seedpool import load_coefficients
 from zoedge.runtime.tensors import load_tensors, tensor_digest
@@ -170,6 +170,15 @@ def test_seed_pool_zo_over_flower(fleet, tiny_bert_bundle):
         assert np.count_nonzero(c) > 0 and np.array_equal(c, want)  # Σ w_i c_i / Σ w_i, float64 -> float32
         doc = PatchDoc.load(glob)
         assert (doc.kind, doc.version, doc.examples) == ("global", rnd, sum(EXAMPLES))
+        heads = [load_tensors(p / START_FILE) for p in patches]  # head-init lp: round 1 fits, round 2 keeps
+        for name, t in load_tensors(glob / START_FILE).items():  # the global's head start: their weighted mean
+            mean = sum(w * h[name].astype(np.float64) for w, h in zip(weights, heads)) / sum(weights)
+            assert np.array_equal(t, mean.astype(np.float32))
+        starts = {PatchDoc.load(p).adapter_sha256: h for p, h in zip(patches, heads)}
+        for d in json.loads((out / f"round-{rnd}" / "round.json").read_text())["devices"]:
+            start = starts[d["adapter_sha256"]]  # the server's record of each device is that device's patch
+            raw = 4 * K + sum(t.nbytes for t in start.values())  # K float32 + the head start, each a .npy
+            assert raw <= d["update_bytes"] <= raw + 128 * (1 + len(start))
         assert tensor_digest(replay_patch(glob, tiny_bert_bundle)) == doc.adapter_sha256  # this process's rebuild
         previous = doc.adapter_sha256
     assert result["adapter_sha256"] == previous
@@ -191,6 +200,9 @@ def test_adapter_fedavg_over_flower(fleet, tiny_bert_bundle):
             info = json.loads((r / f"round-{rnd}" / "client.json").read_text())
             assert info["global_adapter_sha256"] == previous and info["continued"] == (rnd == 2)
         adapters = [load_tensors(p / ADAPTER_FILE) for p in patches]  # round 2 trained a derived bundle
+        raw = sum(t.nbytes for t in adapters[0].values())  # every trainable, as .npy
+        for d in json.loads((out / f"round-{rnd}" / "round.json").read_text())["devices"]:
+            assert raw <= d["update_bytes"] <= raw + 128 * len(adapters[0])
         glob = load_patch_tensors(out / f"round-{rnd}" / "global", m)
         want = fedavg(adapters, weights)  # what POST /v1/bundles/{id}/aggregate computes
         assert all(np.array_equal(glob[k], want[k]) for k in want)
