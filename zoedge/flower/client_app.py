@@ -45,7 +45,9 @@ from zoedge.runtime.trainer import TrainConfig, train as train_run
 
 app = ClientApp()
 
-HEAVY = ("torch", "transformers", "onnx", "fastapi")  # none of these belongs on a device
+# Recorded in client.json each round: torch, transformers and onnx are never loaded on a device (zoedge.runtime);
+# fastapi is, by Flower's own ClientApp process (flwr 1.42's runtime API), not by zoedge.
+HEAVY = ("torch", "transformers", "onnx", "fastapi")
 
 
 @dataclass
