@@ -32,7 +32,7 @@ TASKS = ("classify", "lm")
 KINDS = ("encoder", "decoder")
 TRAINABLE_KINDS = ("lora", "head", "bias", "full")
 ROLES = ("lora_A", "lora_B", "head", "bias", "norm", "weight")
-QUANT_MODES = ("fp32", "fp16", "int8", "int8-token", "int8-dynamic", "int8-weight", "int8-static", "int4")
+QUANT_MODES = ("fp32", "fp16", "int8", "int8-token", "int8-dynamic", "int8-weight", "int8-static", "int8-smooth", "int4")
 TARGETS = ("cpu", "pi", "jetson", "phone")
 FORMATS = ("onnx", "ort", "tflite")  # model file formats: ONNX, ORT flatbuffer (ORT Mobile), TFLite / LiteRT
 

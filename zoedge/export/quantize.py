@@ -130,6 +130,13 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
                        weight_type="QInt8", calibration_batches=len(calibration_feeds), op_types=QUANTIZED_OPS)
     elif mode == "int8-token":
         details.update(per_token_int8(model, dst, excluded))
+    elif mode == "int8-smooth":  # SmoothQuant scale migration on the MLPs, then int8-token (zoedge/export/smooth.py)
+        from zoedge.export.smooth import smooth
+
+        if not calibration_feeds:
+            raise ZoedgeError("int8-smooth needs calibration data")
+        details.update(smooth(model, [n.name for n in token_targets(model, excluded)], calibration_feeds))
+        details.update(per_token_int8(model, dst, excluded), calibration_batches=len(calibration_feeds))
     elif mode in ("int8-weight", "int4"):
         from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
@@ -209,6 +216,14 @@ def blocked_int8_embeddings(model: onnx.ModelProto, excluded: Iterable[str]) -> 
 _TINY = 1e-30  # a scale floor: an all-zero row quantizes to zeros instead of dividing by zero
 
 
+def token_targets(model: onnx.ModelProto, excluded: Iterable[str]) -> list[onnx.NodeProto]:
+    """The MatMuls int8-token quantizes: a constant 2-D float weight, not excluded."""
+    skip = set(excluded)
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in skip and n.input[1] in inits
+            and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+
+
 def per_token_int8(model: onnx.ModelProto, dst: Path, excluded: Iterable[str]) -> dict[str, Any]:
     """int8 GEMMs whose activation scale is computed per token (row) from that row alone.
 
@@ -226,8 +241,7 @@ def per_token_int8(model: onnx.ModelProto, dst: Path, excluded: Iterable[str]) -
     graph = model.graph
     skip = set(excluded)
     inits = {i.name: i for i in graph.initializer}
-    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in skip and n.input[1] in inits
-               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    targets = token_targets(model, skip)
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for n in targets:
         by_input.setdefault(n.input[0], []).append(n)
