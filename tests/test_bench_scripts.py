@@ -126,3 +126,59 @@ def test_kshot_explore_probe_and_train_on_a_toy_split(tmp_path, tiny_bert_bundle
     r = json.loads(p.stdout.splitlines()[-1])
     assert r["l2"] == 30 and r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
     assert [h["step"] for h in r["history"]][-1] == 3
+
+
+def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_bundle):
+    """`python -m bench.speed` on tiny-bert: fp32 and int8 bundles seeded into its cache, one timing round."""
+    from bench.kshot_setup import bundle_key, export_args, model_spec
+    from tests.conftest import export_tiny
+    from zoedge import datasets
+
+    spec, task = model_spec("tiny-bert"), datasets.load_task("sst2", toy_sst2)
+    cache = tmp_path / "cache"
+    for quant in ("fp32", "int8"):
+        where = cache / f"tiny-bert-sst2-{quant}-{bundle_key(export_args(spec, task, quant))}"
+        if quant == "fp32":
+            shutil.copytree(tiny_bert_bundle, where)
+        else:
+            export_tiny(where, "tiny-bert", "--quant", "int8")
+    out = tmp_path / "speed.json"
+    p = _python_m("bench.speed", "--models", "tiny-bert", "--data", toy_sst2, "--n", 30, "--rounds", 1,
+                  "--out", out, "--cache", cache, "--peak-seconds", 0.05)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "exporting" not in p.stdout
+    rows = json.loads(out.read_text())["models"]["tiny-bert"]["rows"]
+    assert list(rows) == ["fp32", "int8"]  # int8-smooth is dropped for an encoder
+    assert rows["fp32"]["agreement_with_fp32"] == 1.0 and rows["int8"]["scheme"] == "int8-token"
+    assert set(rows["fp32"]["ops_per_token"]) == {"fp32"} and rows["int8"]["main_precision"] == "int8"
+    for r in rows.values():
+        assert r["gops"] > 0 and r["peak_gops"] > 0 and r["forward_ms"]["n"] == 2  # 30 texts: 2 batches, 1 round
+    assert "| tiny-bert | int8-token |" in out.with_suffix(".md").read_text()
+
+
+def test_roofline_counts_weight_gemms_only(tmp_path):
+    """2*K*N per token for a MatMul on an initializer and on a transposed trainable input; an activation x
+    activation MatMul (attention) and a MatMulNBits' K, N attributes are read as documented."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bench.roofline import dense_ops_per_token, gemm_peak
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),  # [8, 16] initializer: 256
+             helper.make_node("Transpose", ["a"], ["at"], perm=[1, 0]),  # trainable a [4, 16] -> [16, 4]
+             helper.make_node("MatMul", ["h", "at"], ["l"]),  # 2*16*4 = 128
+             helper.make_node("MatMul", ["l", "lt"], ["y"]),  # activation x activation: not counted
+             helper.make_node("MatMulNBits", ["x", "q", "s"], ["z"], domain="com.microsoft", K=8, N=32, bits=8,
+                              block_size=32)]  # 2*8*32 = 512
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                                           helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, 16]),
+                                           helper.make_tensor_value_info("lt", TensorProto.FLOAT, [4, "m"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.zeros((8, 16), np.float32), "w")])
+    path = tmp_path / "probe.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert dense_ops_per_token(path) == {"fp32": 256 + 128, "nbits": 512}
+    for precision in ("fp32", "int8", "nbits"):
+        r = gemm_peak(precision, 64, 64, 64, threads=1, seconds=0.05)
+        assert r["gops"] > 0 and r["shape"] == [64, 64, 64]

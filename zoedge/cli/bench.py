@@ -52,6 +52,9 @@ def bench(
                                        "engine's default. 1 keeps a shared machine's load from distorting"),
     docs: Optional[Path] = typer.Option(None, help="Where benchmarks.md and the PNGs go (default: docs in the "
                                                    "checkout; --quick: the results directory)"),
+    speed: bool = typer.Option(False, "--speed", help="Forward speed instead (bench.speed): every quantization "
+                                                      "scheme against fp32, agreement, and GEMM rate against the "
+                                                      "same-precision peak; --models, --data, --threads apply"),
 ) -> None:
     """Benchmark peak memory, step time and learning curves of every contender, each in its own process."""
     try:
@@ -60,4 +63,12 @@ def bench(
         if e.name not in ("bench", "bench.sidebyside"):
             raise
         run = _checkout_bench() or fail(NO_CHECKOUT)
+    if speed:
+        import importlib
+
+        args = ["--models", ",".join(csv_list(models) or ["minilm", "smollm2-135m"]), "--threads", str(threads)]
+        args += ["--data", str(data)] if data else []
+        args += ["--out", str(results / "speed.json")] if results else []
+        importlib.import_module("bench.speed").main(args)
+        return
     run.main(quick, csv_list(models), csv_list(only), data, work, results, threads, docs, log=typer.echo)
