@@ -11,8 +11,9 @@ Per model (bundles from the k-shot cache, bench/kshot_setup.py: SST-2 labels / l
   - roofline: dense GOP per forward (bench/roofline.py: 2*K*N per token for every weight GEMM, over the padded
     tokens) / the fastest forward, against gemm_peak (its fastest run) of the precision doing most of the bundle's
     work, measured in this process at the model's [tokens, hidden] x [hidden, intermediate] shape and thread count.
-A ZO step is two forwards of the same batch plus numpy work on the trainables (docs/benchmarks.md), so forward
-ms is what bounds ZO steps per second; this command measures forwards, not steps.
+  - ZO steps per second: `zoedge train` for --zo-steps steps (batch 16, zo-sgd, no head start, no eval, no
+    checkpoints; decoders keep the bundle's prompt) on the SST-2 k=16 seed-13 training split, its own reported
+    seconds, at the same thread count.
 
   .venv/bin/python -m bench.speed [--models minilm,smollm2-135m] [--schemes fp32,int8,int8-smooth]
       [--threads 1] [--rounds 5] [--n 872] [--out bench/results/speed.json] [--cache DIR]
@@ -58,8 +59,8 @@ def probe_tensors(bundle, train_texts: list[str], train_labels: np.ndarray) -> d
 
 
 def model_rows(model: str, schemes: list[str], data: Path, n: int, threads: int, rounds: int, cache: Path,
-               log, peak_seconds: float = 1.0) -> dict:
-    from bench.kshot_setup import ensure_bundle, model_spec
+               log, peak_seconds: float = 1.0, zo_steps: int = 20) -> dict:
+    from bench.kshot_setup import ensure_bundle, model_spec, split_files
     from bench.quant_encoders import time_forwards
     from zoedge import datasets
     from zoedge.runtime.bundle import Bundle
@@ -100,7 +101,34 @@ def model_rows(model: str, schemes: list[str], data: Path, n: int, threads: int,
         r.update(forward_ms=timing[s], speedup_vs_fp32=round(base / timing[s]["median_ms"], 2), tokens_per_forward=tokens,
                  gops=achieved(ops, tokens, ms), main_precision=main, peak_gops=peaks[main]["gops"])
         r["fraction_of_peak"] = round(r["gops"] / r["peak_gops"], 3)
+    if zo_steps:
+        train_file = split_files(cache.parent, task, 16, 13)["train"]
+        for s, b in bundles.items():
+            rows[s]["zo"] = zo_steps_per_s(b, train_file, zo_steps, threads, cache.parent / "speed")
+            log(f"speed: {model} {s}: {rows[s]['zo']['steps_per_s']} ZO steps/s")
     return {"rows": rows, "gemm_peaks": peaks}
+
+
+def zo_steps_per_s(bundle, train_file: str, steps: int, threads: int, work: Path) -> dict:
+    """Steps per second of a plain `zoedge train` run (the CLI, in its own process, as a user runs it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from bench import thread_env
+
+    out = work / f"zo-{bundle.path.name}"
+    shutil.rmtree(out, ignore_errors=True)  # a scratch patch of this command's own
+    work.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "zoedge", "train", str(bundle.path), "--data", train_file, "--out", str(out),
+            "--steps", str(steps), "--head-init", "none", "--checkpoint-every", "0", "--json"]
+    if bundle.manifest.prompt_template:
+        args += ["--prompt", bundle.manifest.prompt_template]
+    p = subprocess.run(args, capture_output=True, text=True, env=thread_env(threads))
+    if p.returncode:
+        raise SystemExit(f"speed: zoedge train failed on {bundle.path}: {p.stderr.strip().splitlines()[-1:]}")
+    d = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"steps": d["steps_run"], "seconds": d["seconds"], "steps_per_s": round(d["steps_run"] / d["seconds"], 3)}
 
 
 def _hidden_sizes(bundle) -> tuple[int, int]:
@@ -115,13 +143,14 @@ def _hidden_sizes(bundle) -> tuple[int, int]:
 
 def markdown(result: dict) -> str:
     lines = ["| model | scheme | MB | agreement with fp32 | accuracy | forward ms (batch 16, median) | x fp32 | "
-             "GOP/s (fastest forward) | GEMM peak GOP/s (same precision) | of peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "GOP/s (fastest forward) | GEMM peak GOP/s (same precision) | of peak | ZO steps/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, r in result["models"].items():
         for s, row in r["rows"].items():
             lines.append(f"| {model} | {row['scheme']} | {row['bundle_mb']} | {100 * row['agreement_with_fp32']:.1f}% | "
                          f"{100 * row['accuracy']:.1f}% | {row['forward_ms']['median_ms']} | {row['speedup_vs_fp32']} | "
                          f"{row['gops']} | {row['peak_gops']} ({row['main_precision']}) | "
-                         f"{100 * row['fraction_of_peak']:.0f}% |")
+                         f"{100 * row['fraction_of_peak']:.0f}% | {row.get('zo', {}).get('steps_per_s', '')} |")
     return "\n".join(lines)
 
 
@@ -134,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "speed.json")
+    ap.add_argument("--zo-steps", type=int, default=20, help="steps of the ZO steps/s run (0: skip it)")
     ap.add_argument("--peak-seconds", type=float, default=1.0, help="timing budget of each plain-GEMM peak")
     ap.add_argument("--cache", type=Path, default=None, help="bundle cache (default: the k-shot bench's, out/kshot/bundles)")
     a = ap.parse_args(argv)
@@ -145,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0, load0 = time.perf_counter(), os.getloadavg()
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "threads": a.threads, "load_before": load0},
-              "models": {m: model_rows(m, schemes, a.data, a.n, a.threads, a.rounds, cache, print, a.peak_seconds)
+              "models": {m: model_rows(m, schemes, a.data, a.n, a.threads, a.rounds, cache, print, a.peak_seconds, a.zo_steps)
                          for m in a.models.split(",") if m}}
     result["machine"].update(load_after=os.getloadavg(), wall_s=round(time.perf_counter() - t0, 1))
     a.out.parent.mkdir(parents=True, exist_ok=True)

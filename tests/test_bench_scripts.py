@@ -144,7 +144,7 @@ def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_
             export_tiny(where, "tiny-bert", "--quant", "int8")
     out = tmp_path / "speed.json"
     p = _python_m("bench.speed", "--models", "tiny-bert", "--data", toy_sst2, "--n", 30, "--rounds", 1,
-                  "--out", out, "--cache", cache, "--peak-seconds", 0.05)
+                  "--out", out, "--cache", cache, "--peak-seconds", 0.05, "--zo-steps", 2)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "exporting" not in p.stdout
     rows = json.loads(out.read_text())["models"]["tiny-bert"]["rows"]
@@ -153,6 +153,7 @@ def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_
     assert set(rows["fp32"]["ops_per_token"]) == {"fp32"} and rows["int8"]["main_precision"] == "int8"
     for r in rows.values():
         assert r["gops"] > 0 and r["peak_gops"] > 0 and r["forward_ms"]["n"] == 2  # 30 texts: 2 batches, 1 round
+        assert r["zo"]["steps"] == 2 and r["zo"]["steps_per_s"] > 0
     assert "| tiny-bert | int8-token |" in out.with_suffix(".md").read_text()
 
 
