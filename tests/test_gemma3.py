@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from conftest import export_tiny
+from conftest import export_tiny, run_cli
 from zoedge.export.verify import verify_bundle
 from zoedge.manifest import Manifest
 from zoedge.runtime.bundle import Bundle
@@ -96,3 +98,31 @@ def test_tiny_gemma3_int8_and_int4_quantize_the_embedding_too(tmp_path):
         r = verify_bundle(out)
         print("tiny-gemma3", quant, r)
         assert r["max_abs_diff"] < max_diff and r["prediction_agreement"] >= 0.9, r
+
+
+# Measured (docs/quantization.md, "Gemma 3 270M"): on the first 200 SST-2 test sentences the int8 bundle scores 61.5%
+# zero-shot (fp32 62.0%; all 872: 62.5% / 63.0%) and agrees with the fp32 torch model on 100% of them. Bounds:
+# accuracy >= measured - 2 binomial SE (3.4 points at n = 200), agreement >= 95% (the issue's bar).
+GEMMA_INT8_MIN_ACCURACY_200 = 0.54
+
+
+@pytest.mark.slow  # ~2-5 minutes: one export of the real model (8 GB peak RSS) and 200 sentences through ORT and torch
+def test_gemma3_int8_bundle_zero_shot_on_sst2(tmp_path, sst2):
+    """The real Gemma 3 270M: `zoedge export gemma3-270m --quant int8` (weight-only MatMulNBits + the int8 embedding
+    table) classifies SST-2 zero-shot through the review prompt's label words, as the fp32 torch model does."""
+    out = tmp_path / "gemma3-int8"
+    run_cli("export", "gemma3-270m", "--quant", "int8", "--out", out, check=True, timeout=1500)
+    m = Manifest.load(out)
+    lora_values = sum(int(np.prod(t.shape)) for t in m.trainables if t.role.startswith("lora"))
+    # num_parameters counts the model after peft injected LoRA into it (the exporter's count), hence the difference
+    assert m.architecture == "gemma3_text" and m.num_parameters - lora_values == 268_098_176
+    assert m.quantization_details["embedding"]["quantized_tables"] == 1
+    assert (out / "model.onnx").stat().st_size < 400e6  # fp32: 1.08 GB, of which the embedding table is 0.67 GB
+    test = tmp_path / "test200.tsv"
+    test.write_text("".join((sst2 / "test.tsv").read_text().splitlines(keepends=True)[:201]))
+    r = json.loads(run_cli("eval", out, "--data", test, "--json", check=True).stdout.strip().splitlines()[-1])
+    v = json.loads(run_cli("verify", out, "--data", test, "--n", "200", "--json", check=True).stdout.strip()
+                   .splitlines()[-1])
+    print("gemma3-270m int8, first 200 SST-2 test sentences:", r, v)
+    assert r["n"] == 200 and r["accuracy"] >= GEMMA_INT8_MIN_ACCURACY_200, r
+    assert v["n"] == 200 and v["prediction_agreement"] >= 0.95, v
