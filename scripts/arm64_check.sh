@@ -152,6 +152,7 @@ train_push() {
   push=$(arm /opt/zoedge -m zoedge push "$p" --server "$URL" --token "$TOKEN" --format trajectory --outbox /work/outbox --json \
          2>"$W/push-$name.log" | tail -n 1) || { cat "$W/push-$name.log"; die "the server refused the ARM trajectory of $name"; }
   record "{\"push\": \"$name\", \"result\": $push}"
+  rm -rf "$W/replay-$name"
   "$REPO/.venv/bin/zoedge" patch replay "$W/patch-$name" --bundle "$W/bundles/$name" --out "$W/replay-$name" --json >/dev/null
   if cmp -s "$W/patch-$name/adapter_model.safetensors" "$W/replay-$name/adapter_model.safetensors"; then exact=true; else exact=false; fi
   record "{\"replay\": \"$name\", \"x86_replay_bytes_equal_arm_adapter\": $exact}"
