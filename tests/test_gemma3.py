@@ -14,6 +14,7 @@ from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.engine import create_session
 
 
+@pytest.mark.slow  # 12 s quiet: over the default run's budget (make test < 5 min)
 def test_tiny_gemma3_exports_with_parity_and_a_sliding_window(tmp_path):
     """LoRA on q,v + the label-word head: the ONNX graph computes torch's function (max |diff| <= 1e-4 on 32 inputs
     with perturbed trainables), the head is the two label words' rows (no vocabulary-sized trainable), and the
