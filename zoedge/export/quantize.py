@@ -162,6 +162,22 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
 TOKEN_OPSET = 21  # QuantizeLinear with block_size (one scale per row) is opset 21; onnxruntime >= 1.20 runs it
 
 
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: Iterable = ()) -> None:
+    """The graph's nodes become `nodes` (a rewrite's output); initializers nothing reads any more are dropped,
+    the new ones added; the default opset is raised to TOKEN_OPSET (blocked Quantize/DequantizeLinear)."""
+    graph = model.graph
+    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    kept = [i for i in [*graph.initializer, *new_inits] if i.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = max(op.version, TOKEN_OPSET)
+    model.ir_version = max(model.ir_version, 10)
+
+
 def blocked_int8_embeddings(model: onnx.ModelProto, excluded: Iterable[str]) -> dict[str, Any]:
     """Rewrite, in place, each Gather over a constant float vocabulary table W [V, H] (axis 0, not excluded) as
 
@@ -200,16 +216,7 @@ def blocked_int8_embeddings(model: onnx.ModelProto, excluded: Iterable[str]) -> 
                                    block_size=BLOCK_SIZE, name=n.name)]
     if not done:
         return {"quantized_tables": 0}
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            op.version = max(op.version, TOKEN_OPSET)
-    model.ir_version = max(model.ir_version, 10)
+    replace_nodes(model, nodes)
     return {"quantized_tables": len(done), "method": "int8 Gather + blocked DequantizeLinear", "bits": 8,
             "block_size": BLOCK_SIZE, "symmetric": True, "scale": "float32",
             "max_abs_error": max(done.values())}
@@ -236,7 +243,7 @@ def per_token_int8(model: onnx.ModelProto, dst: Path, excluded: Iterable[str]) -
     data is needed and nothing is clipped. The row scale is a Mul of its own, not MatMulIntegerToFloat's a_scale:
     onnxruntime 1.32 applies a non-scalar a_scale to a fused bias as well (wrong logits when it fused one).
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     skip = set(excluded)
@@ -289,15 +296,7 @@ def per_token_int8(model: onnx.ModelProto, dst: Path, excluded: Iterable[str]) -
     for n in graph.node:
         nodes += before.get(n.name, [])
         nodes += replaced.get(n.name, [n])
-    used = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + [i for i in new_inits if i.name in used])
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            op.version = max(op.version, TOKEN_OPSET)
+    replace_nodes(model, nodes, new_inits)
     if targets and not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     model.ir_version = max(model.ir_version, 10)

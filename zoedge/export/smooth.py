@@ -90,11 +90,15 @@ def channel_max(model: onnx.ModelProto, names: list[str], feeds: list[dict[str, 
     """max |x_j| over the real (unmasked) tokens of the calibration feeds, per channel j of each named tensor."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = model.graph.output  # the activations become graph outputs for one serialisation (no model copy)
+    n_outputs, known = len(outputs), {o.name for o in outputs}
+    outputs.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    try:
+        blob = model.SerializeToString()
+    finally:
+        del outputs[n_outputs:]
+    sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    del blob
     wanted = {i.name for i in sess.get_inputs()}
     amax = {n: None for n in names}
     for feed in feeds:
