@@ -5,7 +5,7 @@ dense work = sum over MatMul-like nodes with a weight of known shape [K, N] (an 
 input, or a Transpose of one) of 2*K*N operations per token; attention's score and context products (S^2 terms,
 no weight) are not counted, so the achieved figure is a lower bound. Precision per node:
   fp32  MatMul / Gemm / FusedMatMul on float weights
-  int8  MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul (MLAS integer GEMM; AMX / VNNI where present)
+  int8  MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul (MLAS integer GEMM)
   nbits MatMulNBits (weight-only blocks, dequantized in the kernel, fp32 arithmetic at accuracy level 0)
 """
 
