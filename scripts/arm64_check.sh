@@ -6,7 +6,9 @@
 # then: trains tiny-bert and MiniLM int8 bundles exported on x86; pushes the trajectories to a zoedge server on
 # x86 (loopback), which accepts one only when its replay rebuilds the device's adapter_sha256; replays them on x86
 # and compares bytes; compares per-item predictions on ARM and x86; runs the TFLite bundle with ai-edge-litert
-# (when .venv-tflite exists: scripts/tflite_env.sh); measures the footprint. Results: .arm64/work/report.jsonl.
+# (when .venv-tflite exists: scripts/tflite_env.sh; a tiny-bert TFLite bundle trained, pushed, replayed and predicted
+# like the ONNX ones); measures the footprint; SmolLM2 int4 when ARM64_PARTS names smollm2.
+# Results: .arm64/rootfs/work/report.jsonl.
 # Heavy steps run under $ZOEDGE_HEAVY_LOCK (default /tmp/zoedge-heavy.lock; set it empty for none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,9 @@ take_lock() {
   echo "   waited $LOCK_WAIT s for $LOCK"
 }
 record() { echo "$1" >> "$REPORT"; echo "   $1"; }
+# ARM64_PARTS: which parts run (default tiny-bert minilm tflite footprint; smollm2 is opt-in: one 2-row SmolLM2 int4
+# forward takes many minutes under qemu). Lets a kept rootfs rerun some of them.
+part() { [[ " ${ARM64_PARTS:-tiny-bert minilm tflite footprint} " == *" $1 "* ]]; }
 
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, binfmt_misc)"
 [ -x "$PY" ] || die "no x86 venv at .venv: run make install first"
@@ -74,7 +79,7 @@ trap cleanup EXIT
 arm() {
   local venv=$1; shift
   env -i PATH=$venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 ZOEDGE_THREADS=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-      ${QEMU_CPU:+QEMU_CPU=$QEMU_CPU} /usr/sbin/chroot "$ROOT" $QEMU "$venv/bin/python" "$@"
+      ${QEMU_CPU:+QEMU_CPU=$QEMU_CPU} ${QEMU:+ARM64_QEMU=$QEMU} /usr/sbin/chroot "$ROOT" $QEMU "$venv/bin/python" "$@"
 }
 PIPWHL=$(ls "$ROOT"/usr/share/python-wheels/pip-*.whl | head -1); PIPWHL=${PIPWHL#$ROOT}
 arm_pip() { local venv=$1; shift; arm "$venv" "$PIPWHL/pip" install -q "$@"; }   # pip from Debian's wheel
@@ -112,16 +117,20 @@ a=$(arm /opt/zoedge /work/arm64_probe.py 64); x=$("$PY" scripts/arm64_probe.py 6
 record "{\"probe\": {\"aarch64\": $a, \"x86_64\": $x}}"
 [ "$(echo "$a" | sed 's/aarch64//')" = "$(echo "$x" | sed 's/x86_64//')" ] || die "the float32 z stream / updates differ between aarch64 and x86"
 
-say "x86: export tiny-bert and MiniLM int8 (kept in .arm64/work/bundles until the export code changes)"
 EXPORT_KEY=$(git ls-files -s zoedge/export zoedge/models zoedge/manifest.py | sha256sum | cut -c1-16)
 mkdir -p "$W/bundles"
-for spec in "tiny-bert tiny-bert" "minilm-int8 minilm --quant int8"; do
-  set -- $spec; name=$1; shift
+# export_once NAME ZOEDGE MODEL ARGS...: an x86 export into .arm64/rootfs/work/bundles, kept until the export code changes
+export_once() {
+  local name=$1 z=$2; shift 2
   if [ "$(cat "$W/bundles/$name.key" 2>/dev/null)" != "$EXPORT_KEY" ]; then
-    "$REPO/.venv/bin/zoedge" export "$@" --out "$W/bundles/$name" --force >/dev/null
+    say "x86: zoedge export $* ($name)"
+    "$z" export "$@" --out "$W/bundles/$name" --force >/dev/null 2>"$W/export-$name.log" \
+        || { tail -n 5 "$W/export-$name.log"; die "zoedge export $* failed on x86"; }
     echo "$EXPORT_KEY" > "$W/bundles/$name.key"
   fi
-done
+}
+part tiny-bert && export_once tiny-bert "$REPO/.venv/bin/zoedge" tiny-bert
+part minilm && export_once minilm-int8 "$REPO/.venv/bin/zoedge" minilm --quant int8
 head -n 65 "$SST2/train.tsv" > "$W/train-64.tsv"
 head -n 49 "$SST2/dev.tsv" > "$W/dev-48.tsv"
 
@@ -135,37 +144,43 @@ for _ in $(seq 1 150); do "$PY" -c "import urllib.request; urllib.request.urlope
 jf() { "$PY" -c "import json,sys; print(json.loads(sys.stdin.read().strip().splitlines()[-1])['$1'])"; }
 TOKEN=$("$REPO/.venv/bin/zoedge" device register --server "$URL" --admin-token arm-admin --name arm64-qemu --json | jf token)
 
-# train_push NAME STEPS: train on ARM, push the trajectory to the x86 server, replay on x86, compare predictions
+X86Z=$REPO/.venv/bin/zoedge
+# train_push NAME STEPS BATCH VENV X86-ZOEDGE PREDICT [TRAIN-ARGS...]: train bundle NAME on ARM with VENV's python,
+# push the trajectory to the x86 server, replay it on x86 and compare bytes, compare per-item predictions of ARM and
+# x86 (PREDICT=yes), train the same run on x86. X86-ZOEDGE opens the bundle on x86 (.venv's; .venv-tflite's for TFLite).
 train_push() {
-  local name=$1 steps=$2 b=/work/bundles/$1 p=/work/patch-$1
-  "$REPO/.venv/bin/zoedge" bundle publish "$W/bundles/$name" --server "$URL" --admin-token arm-admin --json >/dev/null
+  local name=$1 steps=$2 batch=$3 venv=$4 xz=$5 predict=$6 b=/work/bundles/$1 p=/work/patch-$1; shift 6
+  "$X86Z" bundle publish "$W/bundles/$name" --server "$URL" --admin-token arm-admin --json >/dev/null
   rm -rf "$W/patch-$name" "$W/outbox"
-  say "aarch64: zoedge train $name, $steps steps"
+  say "aarch64: zoedge train $name, $steps steps of $batch"
   local tr
-  tr=$(arm /opt/zoedge -m zoedge train "$b" --data /work/train-64.tsv --eval /work/dev-48.tsv --eval-every "$steps" \
-       --steps "$steps" --batch-size 16 --keep last --out "$p" --json 2>"$W/train-$name.log" | tail -n 1) \
+  tr=$(arm "$venv" -m zoedge train "$b" --data /work/train-64.tsv --steps "$steps" --batch-size "$batch" --keep last \
+       --out "$p" --json "$@" 2>"$W/train-$name.log" | tail -n 1) \
        || { tail -n 5 "$W/train-$name.log"; die "training $name on aarch64 failed"; }
   record "{\"train\": \"$name\", \"arch\": \"aarch64\", \"result\": $tr}"
   [ "$(echo "$tr" | jf steps)" = "$steps" ] || die "the $name patch does not keep its $steps ZO steps: nothing to replay"
   say "aarch64 -> x86: zoedge push --format trajectory (the server replays it and checks adapter_sha256)"
   local push
-  push=$(arm /opt/zoedge -m zoedge push "$p" --server "$URL" --token "$TOKEN" --format trajectory --outbox /work/outbox --json \
+  push=$(arm "$venv" -m zoedge push "$p" --server "$URL" --token "$TOKEN" --format trajectory --outbox /work/outbox --json \
          2>"$W/push-$name.log" | tail -n 1) || { cat "$W/push-$name.log"; die "the server refused the ARM trajectory of $name"; }
   record "{\"push\": \"$name\", \"result\": $push}"
   rm -rf "$W/replay-$name"
-  "$REPO/.venv/bin/zoedge" patch replay "$W/patch-$name" --bundle "$W/bundles/$name" --out "$W/replay-$name" --json >/dev/null
+  "$X86Z" patch replay "$W/patch-$name" --bundle "$W/bundles/$name" --out "$W/replay-$name" --json >/dev/null
   if cmp -s "$W/patch-$name/adapter_model.safetensors" "$W/replay-$name/adapter_model.safetensors"; then exact=true; else exact=false; fi
   record "{\"replay\": \"$name\", \"x86_replay_bytes_equal_arm_adapter\": $exact}"
   [ "$exact" = true ] || die "the x86 replay of the ARM trajectory of $name is not bit-exact"
-  say "predictions of bundle + patch on aarch64 and x86 (dev-48)"
-  arm /opt/zoedge -m zoedge predict "$b" --patch "$p" --data /work/dev-48.tsv --batch-size 16 > "$W/pred-$name-arm.jsonl" 2>/dev/null
-  "$REPO/.venv/bin/zoedge" predict "$W/bundles/$name" --patch "$W/patch-$name" --data "$W/dev-48.tsv" --batch-size 16 \
-      > "$W/pred-$name-x86.jsonl" 2>/dev/null
-  record "{\"predictions\": \"$name\", \"result\": $("$PY" scripts/arm64_measure.py same-predictions "$W/pred-$name-arm.jsonl" "$W/pred-$name-x86.jsonl")}"
+  if [ "$predict" = yes ]; then
+    say "predictions of bundle + patch on aarch64 and x86 (dev-48)"
+    arm "$venv" -m zoedge predict "$b" --patch "$p" --data /work/dev-48.tsv --batch-size 16 > "$W/pred-$name-arm.jsonl" 2>/dev/null
+    "$xz" predict "$W/bundles/$name" --patch "$W/patch-$name" --data "$W/dev-48.tsv" --batch-size 16 > "$W/pred-$name-x86.jsonl" 2>/dev/null
+    record "{\"predictions\": \"$name\", \"result\": $("$PY" scripts/arm64_measure.py same-predictions "$W/pred-$name-arm.jsonl" "$W/pred-$name-x86.jsonl")}"
+  fi
   # the same training on x86 from the same seed: how far the two architectures' losses (so g) drift apart
   rm -rf "$W/patch-$name-x86"
-  tr=$("$REPO/.venv/bin/zoedge" train "$W/bundles/$name" --data "$W/train-64.tsv" --eval "$W/dev-48.tsv" --eval-every "$steps" \
-       --steps "$steps" --batch-size 16 --keep last --out "$W/patch-$name-x86" --json 2>/dev/null | tail -n 1)
+  local xargs=() a
+  for a in "$@"; do xargs+=("${a/#\/work/$W}"); done   # the rootfs's /work paths, seen from x86
+  tr=$("$xz" train "$W/bundles/$name" --data "$W/train-64.tsv" --steps "$steps" --batch-size "$batch" --keep last \
+       --out "$W/patch-$name-x86" --json "${xargs[@]}" 2>/dev/null | tail -n 1)
   record "{\"train\": \"$name\", \"arch\": \"x86_64\", \"result\": $tr}"
   record "{\"trajectory_arm_vs_x86\": \"$name\", \"result\": $("$PY" - "$W/patch-$name" "$W/patch-$name-x86" <<'PY'
 import json, sys
@@ -176,11 +191,61 @@ print(json.dumps({"rows": len(a), "bytes_equal": a.tobytes() == b.tobytes(),
 PY
 )}"
 }
-train_push tiny-bert 10
-train_push minilm-int8 3
+# inference_s VENV BUNDLE BATCH: emulated seconds of one BATCH-row forward, (eval of 3 batches - eval of 1) / 2
+inference_s() {
+  local t1 t2 t3
+  t1=$(date +%s.%N); arm "$1" -m zoedge eval "$2" --data /work/train-64.tsv --limit "$3" --batch-size "$3" >/dev/null 2>&1
+  t2=$(date +%s.%N); arm "$1" -m zoedge eval "$2" --data /work/train-64.tsv --limit $((3 * $3)) --batch-size "$3" >/dev/null 2>&1
+  t3=$(date +%s.%N); "$PY" -c "print(round(($t3 - $t2 - ($t2 - $t1)) / 2, 3))"
+}
+# cost NAME VENV BATCH: emulated seconds of a ZO step (the training log's step lines; the final eval of dev-48,
+# 48 / BATCH forwards, taken off when it is in the last line) against one inference forward of the same rows: the
+# only emulated timing reported, as a ratio
+cost() {
+  record "{\"cost\": \"$1 aarch64\", \"result\": $("$PY" scripts/arm64_measure.py step-seconds "$W/train-$1.log" "$(inference_s "$2" "/work/bundles/$1" "$3")" $((48 / $3)))}"
+}
+EVAL=(--eval /work/dev-48.tsv)
+if part tiny-bert; then
+  train_push tiny-bert 10 16 /opt/zoedge "$X86Z" yes "${EVAL[@]}" --eval-every 10
+  cost tiny-bert /opt/zoedge 16
+fi
+if part minilm; then
+  train_push minilm-int8 3 16 /opt/zoedge "$X86Z" yes "${EVAL[@]}" --eval-every 3
+  cost minilm-int8 /opt/zoedge 16
+fi
+if part smollm2; then  # SmolLM2-135M int4 (MatMulNBits; a decoder, label words): peak RSS of 2 ZO steps of 1 row
+  export_once smollm2-int4 "$X86Z" smollm2-135m --quant int4
+  train_push smollm2-int4 2 1 /opt/zoedge "$X86Z" no --head-init none
+fi
 
-say "footprint: installed MB of the device extra and import time of the train path"
 TRAIN_PATH="zoedge.cli zoedge.runtime.trainer zoedge.runtime.forward"
+TFL_PATH="zoedge.runtime.tflite_forward ai_edge_litert.interpreter"
+if ! part tflite; then :
+elif [ ! -x .venv-tflite/bin/zoedge ]; then
+  record "{\"litert\": \"not run: no .venv-tflite to export a TFLite bundle (bash scripts/tflite_env.sh builds it, 2.6 GB)\"}"
+else
+  LITERT=$(.venv-tflite/bin/python -c 'from importlib.metadata import version; print(version("ai-edge-litert"))')
+  say "TFLite: ai-edge-litert==$LITERT from PyPI's aarch64 wheel, a tiny-bert TFLite bundle exported on x86 (.venv-tflite)"
+  if venv_for /opt/zoedge-litert $PINS "ai-edge-litert==$LITERT" 2>"$W/litert-pip.log"; then
+    arm_pip /opt/zoedge-litert --no-deps --force-reinstall "$WHL"
+    export_once tiny-bert-tfl .venv-tflite/bin/zoedge tiny-bert --format tflite --quant fp32
+    train_push tiny-bert-tfl 10 16 /opt/zoedge-litert "$REPO/.venv-tflite/bin/zoedge" yes "${EVAL[@]}" --eval-every 10
+    cost tiny-bert-tfl /opt/zoedge-litert 16
+    record "{\"footprint\": \"aarch64 + ai-edge-litert\", \"size\": $(arm /opt/zoedge-litert /work/arm64_measure.py size $DEVICE_DISTS ai-edge-litert), \"import\": $(arm /opt/zoedge-litert /work/arm64_measure.py import $TRAIN_PATH $TFL_PATH)}"
+  else
+    record "{\"litert\": \"no ai-edge-litert==$LITERT wheel installs for aarch64 / cp311 (TFLite not run on aarch64): $(tail -n 1 "$W/litert-pip.log" | tr -d '"\\')\"}"
+  fi
+  say "x86 LiteRT: MiniLM int8 TFLite, 3 ZO steps (the phone row's peak RSS, on x86's ai-edge-litert)"
+  export_once minilm-tfl-int8 .venv-tflite/bin/zoedge minilm --format tflite --quant int8
+  rm -rf "$W/patch-minilm-tfl-int8-x86"
+  record "{\"train\": \"minilm-tfl-int8\", \"arch\": \"x86_64\", \"result\": $(.venv-tflite/bin/zoedge train "$W/bundles/minilm-tfl-int8" \
+      --data "$W/train-64.tsv" --eval "$W/dev-48.tsv" --eval-every 3 --steps 3 --batch-size 16 --keep last \
+      --out "$W/patch-minilm-tfl-int8-x86" --json 2>/dev/null | tail -n 1)}"
+  record "{\"footprint\": \"x86_64 + ai-edge-litert (.venv-tflite)\", \"size\": $(.venv-tflite/bin/python scripts/arm64_measure.py size $DEVICE_DISTS ai-edge-litert), \"import\": $(.venv-tflite/bin/python scripts/arm64_measure.py import $TRAIN_PATH $TFL_PATH)}"
+fi
+
+if part footprint; then
+say "footprint: installed MB of the device extra and import time of the train path"
 record "{\"footprint\": \"aarch64\", \"size\": $(arm /opt/zoedge /work/arm64_measure.py size $DEVICE_DISTS), \"import\": $(arm /opt/zoedge /work/arm64_measure.py import $TRAIN_PATH)}"
 XV=$ARM/x86-device
 if [ "$(cat "$XV/.zoedge-pins" 2>/dev/null)" != "$PINS" ]; then
@@ -195,35 +260,6 @@ if [ -x "$ORTV/bin/python" ]; then
 else
   echo "   (no $ORTV: python -m bench.sidebyside builds it; onnxruntime-training not measured)"
 fi
-# inference_s VENV BUNDLE: seconds of one 16-row forward in the emulator, (eval of 64 rows - eval of 16) / 3
-inference_s() {
-  local t1 t2 t3
-  t1=$(date +%s.%N); arm "$1" -m zoedge eval "$2" --data /work/train-64.tsv --limit 16 --batch-size 16 >/dev/null 2>&1
-  t2=$(date +%s.%N); arm "$1" -m zoedge eval "$2" --data /work/train-64.tsv --limit 64 --batch-size 16 >/dev/null 2>&1
-  t3=$(date +%s.%N); "$PY" -c "print(round(($t3 - $t2 - ($t2 - $t1)) / 3, 3))"
-}
-record "{\"inference_forward_s\": \"minilm-int8 aarch64\", \"s\": $(inference_s /opt/zoedge /work/bundles/minilm-int8)}"
-
-if [ -x .venv-tflite/bin/zoedge ]; then
-  say "TFLite: export MiniLM int8 on x86 (.venv-tflite), train and predict on aarch64 with ai-edge-litert"
-  LITERT=$(.venv-tflite/bin/python -c 'from importlib.metadata import version; print(version("ai-edge-litert"))')
-  if venv_for /opt/zoedge-litert $PINS "ai-edge-litert==$LITERT" 2>"$W/litert-pip.log"; then
-    arm_pip /opt/zoedge-litert --no-deps --force-reinstall "$WHL"
-    if [ "$(cat "$W/bundles/minilm-tfl.key" 2>/dev/null)" != "$EXPORT_KEY" ]; then
-      .venv-tflite/bin/zoedge export minilm --format tflite --quant int8 --out "$W/bundles/minilm-tfl" --force >/dev/null
-      echo "$EXPORT_KEY" > "$W/bundles/minilm-tfl.key"
-    fi
-    rm -rf "$W/patch-tfl"
-    tr=$(arm /opt/zoedge-litert -m zoedge train /work/bundles/minilm-tfl --data /work/train-64.tsv --steps 3 --batch-size 16 --keep last \
-         --out /work/patch-tfl --json 2>"$W/train-tfl.log" | tail -n 1)
-    record "{\"train\": \"minilm-tfl\", \"arch\": \"aarch64\", \"result\": $tr}"
-    record "{\"inference_forward_s\": \"minilm-tfl aarch64\", \"s\": $(inference_s /opt/zoedge-litert /work/bundles/minilm-tfl)}"
-    record "{\"footprint\": \"aarch64 + ai-edge-litert\", \"size\": $(arm /opt/zoedge-litert /work/arm64_measure.py size $DEVICE_DISTS ai-edge-litert)}"
-  else
-    record "{\"litert\": \"no ai-edge-litert==$LITERT wheel installs for aarch64 / cp311: $(tail -n 1 "$W/litert-pip.log" | tr -d '"')\"}"
-  fi
-else
-  echo "   (no .venv-tflite: bash scripts/tflite_env.sh builds it, 2.6 GB; TFLite part skipped)"
 fi
 waited=$LOCK_WAIT
 record "{\"wall_s\": $((SECONDS - T0)), \"lock_wait_s\": $waited, \"rootfs\": \"$MODE\"}"
