@@ -33,7 +33,8 @@ import numpy as np
 from bench import RESULTS, SST2
 from bench.roofline import achieved, dense_ops_per_token, gemm_peak
 
-SCHEMES = ("fp32", "int8", "int8-smooth")
+SCHEMES = ("fp32", "int8", "int8-weight", "int8-smooth")
+DECODER_ONLY = ("int8-weight", "int8-smooth")
 PROBE_ROWS = 1000
 
 
@@ -65,11 +66,17 @@ def model_rows(model: str, schemes: list[str], data: Path, n: int, threads: int,
     from zoedge import datasets
     from zoedge.runtime.bundle import Bundle
 
+    from zoedge.export.quantize import resolve_mode
+
     spec, task = model_spec(model), datasets.load_task("sst2", data)
-    if spec.kind == "encoder":  # int8-smooth finds no llama MLP in an encoder: it would be int8-token again
-        schemes = [s for s in schemes if s != "int8-smooth"]
-    bundles = {s: Bundle.open(ensure_bundle(cache, spec, task, s, log=log)["path"]) for s in schemes}
-    fp32 = bundles["fp32"]
+    if spec.kind == "encoder":  # the decoder schemes (MatMulNBits, the llama smoothing) are not for encoders
+        schemes = [s for s in schemes if s not in DECODER_ONLY]
+    fp32 = Bundle.open(ensure_bundle(cache, spec, task, "fp32", log=log)["path"])
+    arch, bundles, seen = fp32.manifest.architecture, {"fp32": fp32}, {"fp32"}
+    for s in schemes:  # a scheme that `int8` already resolves to is not exported and timed twice
+        if resolve_mode(s, arch) not in seen:
+            seen.add(resolve_mode(s, arch))
+            bundles[s] = Bundle.open(ensure_bundle(cache, spec, task, s, log=log)["path"])
     labels = fp32.manifest.labels
     test = task.test[:n]
     texts, gold = [t for t, _ in test], np.array([labels.index(y) for _, y in test])
@@ -156,7 +163,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="minilm,smollm2-135m")
+    ap.add_argument("--models", default="minilm,smollm2-135m,gemma3-270m")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="fp32 is always first: it is the reference")
     ap.add_argument("--data", type=Path, default=SST2)
     ap.add_argument("--n", type=int, default=872, help="test sentences for agreement and accuracy")

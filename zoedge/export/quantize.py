@@ -84,7 +84,8 @@ def _name_nodes(path: Path) -> onnx.ModelProto:
 def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
              calibration_feeds: list[dict[str, np.ndarray]] | None = None, exclude: str | None = None,
              embedding: bool = False) -> dict[str, Any]:
-    """`embedding`: also quantize the token-embedding Gather (weight-only modes; see QUANTIZED_EMBEDDINGS)."""
+    """`embedding`: also quantize the token-embedding Gather (weight-only modes and int8-smooth; see
+    QUANTIZED_EMBEDDINGS)."""
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     model = _name_nodes(src)
     excluded = trainable_path_nodes(model, trainable_names)
@@ -95,7 +96,7 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
             raise ZoedgeError(f"bad --quant-exclude {exclude!r}: matches no node's module path")
         excluded += chosen
         details.update(exclude_pattern=exclude, excluded_by_pattern=len(chosen))
-    if embedding and mode in ("int8-weight", "int4"):
+    if embedding and mode in ("int8-weight", "int4", "int8-smooth"):
         details["embedding"] = blocked_int8_embeddings(model, excluded)
     if mode == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -130,12 +131,13 @@ def quantize(src: Path, dst: Path, mode: str, trainable_names: list[str],
                        weight_type="QInt8", calibration_batches=len(calibration_feeds), op_types=QUANTIZED_OPS)
     elif mode == "int8-token":
         details.update(per_token_int8(model, dst, excluded))
-    elif mode == "int8-smooth":  # SmoothQuant scale migration on the MLPs, then int8-token (zoedge/export/smooth.py)
+    elif mode == "int8-smooth":  # SmoothQuant scale migration, then int8-token (zoedge/export/smooth.py)
         from zoedge.export.smooth import smooth
 
         if not calibration_feeds:
             raise ZoedgeError("int8-smooth needs calibration data")
-        details.update(smooth(model, [n.name for n in token_targets(model, excluded)], calibration_feeds))
+        details.update(smooth(model, [n.name for n in token_targets(model, excluded)], calibration_feeds,
+                              explicit=True))
         details.update(per_token_int8(model, dst, excluded), calibration_batches=len(calibration_feeds))
     elif mode in ("int8-weight", "int4"):
         from onnxruntime.quantization import matmul_nbits_quantizer as mnb
