@@ -66,7 +66,8 @@ def bench(
     if speed:
         import importlib
 
-        args = ["--models", ",".join(csv_list(models) or ["minilm", "smollm2-135m"]), "--threads", str(threads)]
+        args = ["--models", ",".join(csv_list(models) or ["minilm", "smollm2-135m", "gemma3-270m"]),
+                "--threads", str(threads)]
         args += ["--data", str(data)] if data else []
         args += ["--out", str(results / "speed.json")] if results else []
         importlib.import_module("bench.speed").main(args)
