@@ -168,7 +168,7 @@ def device_cfg(a, seed: int, **extra):
     from zoedge.runtime.config import TrainConfig
 
     return TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, eps=a.eps, seed=seed, keep="last",
-                       checkpoint_every=0, head_init="none", **extra)
+                       checkpoint_every=0, head_init="none", head_lr=0.0, **extra)  # both arms: the head in ZO
 
 
 def probe_head(bundle_dir: Path, rows_tsv: Path, seed: int, log) -> dict:

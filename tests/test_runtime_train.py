@@ -31,7 +31,8 @@ def test_zo_reduces_loss_on_a_learnable_task(tiny_bert_bundle, toy, tmp_path):
     (mean 0.094, sd 0.029) and accuracy rose by 0.15-0.32; q = 1 was too noisy to assert on (one seed in four
     did not learn). The margins sit about two standard deviations below the mean."""
     train_file, dev_file = toy
-    cfg = TrainConfig(steps=300, lr=2e-2, eps=1e-2, perturbations=4, head_init="none", eval_every=100, keep="last")
+    cfg = TrainConfig(steps=300, lr=2e-2, eps=1e-2, perturbations=4, head_init="none", eval_every=100, keep="last",
+                      head_lr=0.0)  # ZO on every trainable, the head included
     r = train(tiny_bert_bundle, train_file, tmp_path / "p", cfg, eval_path=dev_file, log=quiet)
     losses = [h["eval_loss"] for h in r["history"]]
     assert losses[-1] < losses[0] - 0.04, losses
@@ -177,7 +178,7 @@ def test_sigkill_then_resume_is_bit_exact(tiny_bert_bundle, toy, tmp_path):
 
 def test_divergence_guard_rolls_back_and_recovers(tiny_bert_bundle, toy, tmp_path):
     messages = []
-    cfg = TrainConfig(steps=60, lr=50.0, eps=1e-2, head_init="none", checkpoint_every=10, keep="last")
+    cfg = TrainConfig(steps=60, lr=50.0, eps=1e-2, head_init="none", checkpoint_every=10, keep="last", head_lr=0.0)
     r = train(tiny_bert_bundle, toy[0], tmp_path / "p", cfg, log=messages.append)
     assert r["rollbacks"] >= 1
     assert any("divergence guard" in m for m in messages)
@@ -226,7 +227,7 @@ def test_batched_perturbations_match_sequential(tmp_path, toy):
     copies = export_tiny(tmp_path / "copies", "tiny-bert", "--copies", 4)
     assert np.array_equal(Bundle.open(plain).initial_trainables()["base_model.model.classifier.weight"],
                           Bundle.open(copies).initial_trainables()["base_model.model.classifier.weight"])
-    cfg = dict(steps=25, lr=1e-2, head_init="lp", keep="last")
+    cfg = dict(steps=25, lr=1e-2, head_init="lp", keep="last", head_lr=0.0)  # copies bundles have no exact head
     r_seq = train(plain, toy[0], tmp_path / "seq", TrainConfig(perturbations=2, **cfg), log=quiet)
     r_bat = train(copies, toy[0], tmp_path / "bat", TrainConfig(**cfg), log=quiet)
     assert r_seq["forward_passes"] - r_bat["forward_passes"] == 25 * 3  # 1 forward per step instead of 4

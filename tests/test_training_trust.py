@@ -61,7 +61,8 @@ def test_a_rollback_after_a_best_keeps_the_patch_replayable(tiny_bert_bundle, to
     whose trajectory replays bit-exactly to its adapter."""
     cfg = TrainConfig(steps=40, batch_size=8, lr=2e-2, eps=1e-2, head_init="none", eval_every=5, checkpoint_every=0)
     first = train(tiny_bert_bundle, toy[0], tmp_path / "first", cfg, eval_path=toy[1], log=quiet)
-    b = next(h["step"] for h in first["history"] if h["step"] > 0 and h["eval_accuracy"] > first["eval_accuracy_start"])
+    start = first["history"][0]["eval_loss"]  # keep-best selects on eval loss: b is the first new best
+    b = next(h["step"] for h in first["history"] if h["step"] > 0 and h["eval_loss"] < start)
     assert b + 3 < 40, first["history"]
     calls = {"n": 0}
     real = objectives.classification_loss

@@ -138,7 +138,7 @@ def train(
     head_init: Optional[str] = _train_option('head_init'),
     lp_examples: Optional[int] = _train_option('lp_examples'),
     prompt: Optional[str] = _train_option('prompt'),
-    head_lr: float = _train_option('head_lr'),
+    head_lr: Optional[float] = _train_option('head_lr'),
     weight_decay: float = _train_option('weight_decay'),
     lr_schedule: str = _train_option('lr_schedule'),
     clip: float = _train_option('clip'),

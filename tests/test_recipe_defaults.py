@@ -1,0 +1,49 @@
+"""The default recipe's exact-gradient head (issue 12, round 3): which runs get it, and the lr that comes with it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from zoedge.manifest import Manifest
+from zoedge.runtime.config import TrainConfig, resolve
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert_bundle) -> Manifest:
+    m = Manifest.load(tiny_bert_bundle)
+    assert m.kind == "encoder" and "lora" in m.trainable_kinds and m.task == "classify"
+    return m
+
+
+def test_an_encoder_with_lora_trains_its_head_exactly_and_lora_at_the_larger_lr(encoder):
+    cfg = resolve(TrainConfig(), encoder)
+    assert (cfg.head_lr, cfg.lr) == (1e-3, 3e-3)
+
+
+@pytest.mark.parametrize("given", [
+    {"head_lr": 0.0},                      # asked for the head in ZO
+    {"seed_pool": 16},                     # a seed-pool patch is ZO coefficients only
+    {"roles": ["head"]},                   # nothing but the head: nothing left for ZO
+])
+def test_the_head_stays_in_zo_at_the_old_lr_where_asked_or_where_it_cannot_be_exact(encoder, given):
+    cfg = resolve(TrainConfig(**given), encoder)
+    assert (cfg.head_lr, cfg.lr) == (0.0, 1e-3)
+
+
+def test_a_copies_bundle_keeps_the_head_in_zo(encoder):
+    cfg = resolve(TrainConfig(), dataclasses.replace(encoder, copies=2))
+    assert cfg.head_lr == 0.0 and cfg.batched
+
+
+def test_explicit_settings_win(encoder):
+    cfg = resolve(TrainConfig(head_lr=0.5, lr=1e-4), encoder)
+    assert (cfg.head_lr, cfg.lr) == (0.5, 1e-4)
+    assert resolve(TrainConfig(head_lr=0.5), encoder).lr == 3e-3  # the lr measured with an exact head
+
+
+def test_decoders_keep_their_recipe(tiny_llama_bundle):
+    m = Manifest.load(tiny_llama_bundle)
+    cfg = resolve(TrainConfig(), m)
+    assert cfg.head_lr == 0.0 and cfg.lr == (3e-4 if "lora" in m.trainable_kinds else 1e-5)
