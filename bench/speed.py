@@ -64,9 +64,8 @@ def model_rows(model: str, schemes: list[str], data: Path, n: int, threads: int,
     from bench.kshot_setup import ensure_bundle, model_spec, split_files
     from bench.quant_encoders import time_forwards
     from zoedge import datasets
-    from zoedge.runtime.bundle import Bundle
-
     from zoedge.export.quantize import resolve_mode
+    from zoedge.runtime.bundle import Bundle
 
     spec, task = model_spec(model), datasets.load_task("sst2", data)
     if spec.kind == "encoder":  # the decoder schemes (MatMulNBits, the llama smoothing) are not for encoders
@@ -74,8 +73,9 @@ def model_rows(model: str, schemes: list[str], data: Path, n: int, threads: int,
     fp32 = Bundle.open(ensure_bundle(cache, spec, task, "fp32", log=log)["path"])
     arch, bundles, seen = fp32.manifest.architecture, {"fp32": fp32}, {"fp32"}
     for s in schemes:  # a scheme that `int8` already resolves to is not exported and timed twice
-        if resolve_mode(s, arch) not in seen:
-            seen.add(resolve_mode(s, arch))
+        resolved = resolve_mode(s, arch)
+        if resolved not in seen:
+            seen.add(resolved)
             bundles[s] = Bundle.open(ensure_bundle(cache, spec, task, s, log=log)["path"])
     labels = fp32.manifest.labels
     test = task.test[:n]
