@@ -22,6 +22,12 @@ def run_cli(*args: str, check: bool = False, timeout: int = 900) -> subprocess.C
     return p
 
 
+def tsv_head(src: Path, dest: Path, n: int) -> Path:
+    """dest holds src's header and its first n rows (a smaller sample of a real TSV)."""
+    dest.write_text("".join(Path(src).read_text().splitlines(keepends=True)[: n + 1]))
+    return dest
+
+
 def export_tiny(out: Path, model: str, *extra: str) -> Path:
     from zoedge.export.bundle import ExportOptions, export_bundle
 

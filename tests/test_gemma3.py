@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import export_tiny, run_cli
+from conftest import export_tiny, run_cli, tsv_head
 from zoedge.export.verify import verify_bundle
 from zoedge.manifest import Manifest
 from zoedge.runtime.bundle import Bundle
@@ -119,8 +119,7 @@ def test_gemma3_int8_bundle_zero_shot_on_sst2(tmp_path, sst2):
     assert m.architecture == "gemma3_text" and m.num_parameters - lora_values == 268_098_176
     assert m.quantization_details["embedding"]["quantized_tables"] == 1
     assert (out / "model.onnx").stat().st_size < 400e6  # fp32: 1.08 GB, of which the embedding table is 0.67 GB
-    test = tmp_path / "test200.tsv"
-    test.write_text("".join((sst2 / "test.tsv").read_text().splitlines(keepends=True)[:201]))
+    test = tsv_head(sst2 / "test.tsv", tmp_path / "test200.tsv", 200)
     r = json.loads(run_cli("eval", out, "--data", test, "--json", check=True).stdout.strip().splitlines()[-1])
     v = json.loads(run_cli("verify", out, "--data", test, "--n", "200", "--json", check=True).stdout.strip()
                    .splitlines()[-1])

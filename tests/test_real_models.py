@@ -7,19 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tsv_head
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.evaluate import predict
 from zoedge.runtime.patch import load_patch_tensors
 from zoedge.runtime.trainer import load_dataset
 
 pytestmark = pytest.mark.slow
-
-
-def _head_sample(sst2, tmp_path, n=2000):
-    path = tmp_path / "train.tsv"
-    path.write_text("".join((sst2 / "train.tsv").read_text().splitlines(keepends=True)[: n + 1]))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,8 @@ def test_minilm_int8_keeps_the_trained_heads_predictions(minilm_fp32_and_int8, s
     """A head fitted on the fp32 bundle (linear probe, 2,000 sentences), applied unchanged to the int8 bundle:
     the two must predict the same class on >= 95% of 200 test sentences and lose <= 2 points of accuracy."""
     d = minilm_fp32_and_int8
-    run_cli("train", d / "fp32", "--data", _head_sample(sst2, tmp_path), "--out", tmp_path / "lp", "--steps", "1",
+    train = tsv_head(sst2 / "train.tsv", tmp_path / "train.tsv", 2000)
+    run_cli("train", d / "fp32", "--data", train, "--out", tmp_path / "lp", "--steps", "1",
             "--keep", "last", check=True)
     test = load_dataset(sst2 / "test.tsv", Bundle.open(d / "fp32").manifest)
     texts, labels = test.texts[:200], test.labels[:200]
@@ -70,9 +65,9 @@ def test_default_recipe_improves_minilm_on_sst2(minilm_fp32_and_int8, sst2, tmp_
     >= 15 points above the exported bundle, the patch replays bit-exactly, and training stays on the device
     path (no torch in the training process is checked by tests/test_runtime_imports.py)."""
     b = minilm_fp32_and_int8 / "int8"
-    dev = tmp_path / "dev.tsv"
-    dev.write_text("".join((sst2 / "dev.tsv").read_text().splitlines(keepends=True)[:301]))
-    r = json.loads(run_cli("train", b, "--data", _head_sample(sst2, tmp_path), "--eval", dev, "--steps", "200",
+    dev = tsv_head(sst2 / "dev.tsv", tmp_path / "dev.tsv", 300)
+    train = tsv_head(sst2 / "train.tsv", tmp_path / "train.tsv", 2000)
+    r = json.loads(run_cli("train", b, "--data", train, "--eval", dev, "--steps", "200",
                            "--out", tmp_path / "p", "--json", check=True).stdout.splitlines()[-1])
     before = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--json", check=True).stdout.splitlines()[-1])
     after = json.loads(run_cli("eval", b, "--data", sst2 / "test.tsv", "--patch", tmp_path / "p", "--json",

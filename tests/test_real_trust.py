@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, tsv_head
 from zoedge.constants import TENSOR_ABS_LIMIT
 from zoedge.runtime.patch import ADAPTER_FILE
 from zoedge.runtime.tensors import load_tensors
@@ -17,15 +17,11 @@ from zoedge.runtime.tensors import load_tensors
 pytestmark = pytest.mark.slow
 
 
-def _head(path, src, n):
-    path.write_text("".join(src.read_text().splitlines(keepends=True)[: n + 1]))
-    return path
-
-
 def test_minilm_lr_10_ends_bounded_or_refused(tmp_path, sst2):
     bundle = tmp_path / "minilm-int8"
     run_cli("export", "minilm", "--quant", "int8-dynamic", "--out", bundle, check=True)
-    train, dev = _head(tmp_path / "train500.tsv", sst2 / "train.tsv", 500), _head(tmp_path / "dev300.tsv", sst2 / "dev.tsv", 300)
+    train = tsv_head(sst2 / "train.tsv", tmp_path / "train500.tsv", 500)
+    dev = tsv_head(sst2 / "dev.tsv", tmp_path / "dev300.tsv", 300)
     out = tmp_path / "o"
     p = run_cli("train", bundle, "--data", train, "--eval", dev, "--steps", "30", "--eval-every", "10", "--lr", "10",
                 "--head-lr", "0", "--keep", "last", "--out", out, "--json")
