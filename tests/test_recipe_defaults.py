@@ -43,7 +43,9 @@ def test_explicit_settings_win(encoder):
     assert resolve(TrainConfig(head_lr=0.5), encoder).lr == 3e-3  # the lr measured with an exact head
 
 
-def test_decoders_keep_their_recipe(tiny_llama_bundle):
+def test_a_decoder_with_lora_trains_its_head_exactly_at_its_own_smaller_lr(tiny_llama_bundle):
     m = Manifest.load(tiny_llama_bundle)
+    assert m.kind == "decoder" and "lora" in m.trainable_kinds
     cfg = resolve(TrainConfig(), m)
-    assert cfg.head_lr == 0.0 and cfg.lr == (3e-4 if "lora" in m.trainable_kinds else 1e-5)
+    assert (cfg.head_lr, cfg.lr) == (1e-4, 3e-3)
+    assert resolve(TrainConfig(head_lr=0.0), m).lr == 3e-4  # the head in ZO: the decoder's old lr
