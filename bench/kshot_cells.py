@@ -91,12 +91,13 @@ def zoedge_default(spec: dict) -> dict:
     res = train(spec["bundle"], spec["splits"]["train"], out, cfg, eval_path=spec["splits"]["val"],
                 on_step=on_step, log=lambda _m: None)
     train_s = time.perf_counter() - t0
+    train_rss = res.get("peak_rss_mb")  # before the test evaluation opens the bundle a second time
     test = evaluate(spec["bundle"], spec["splits"]["test"], patch=out, batch=EVAL_BATCH)
     n_test_calls = -(-test["n"] // EVAL_BATCH)
     hist = res.get("history") or []
     return {"val_accuracy": res["eval_accuracy"], "test_accuracy": test["accuracy"], "test_f1": test["f1"],
             "forward_passes": res["forward_passes"] + n_test_calls, "train_seconds": round(train_s, 2),
-            "train_forward_passes": res["forward_passes"],
+            "train_forward_passes": res["forward_passes"], "train_peak_rss_mb": train_rss,
             "detail": {"val_accuracy_start": res["eval_accuracy_start"],
                        "val_accuracy_head_start": res["eval_accuracy_head_start"], "best_step": res["steps"],
                        "steps_run": res["steps_run"], "rollbacks": res["rollbacks"], "curve": curve,
