@@ -58,7 +58,7 @@ def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle
     """A decoder's exported head is its prompt's zero-shot classifier. A head start that scores below it on the
     eval data (here: the probe's fit replaced by a head that always says the first label, with confidence) is
     undone, so training starts from
-    (and the patch keeps) the exported head."""
+    (and the patch keeps) the exported head. The head stays in ZO (head-lr 0), where lr 1e-9 leaves it in place."""
     import zoedge.runtime.head_start as hs
 
     real = hs.fit_probe_head
@@ -74,7 +74,7 @@ def test_a_head_start_worse_than_the_exported_head_is_not_kept(tiny_llama_bundle
 
     monkeypatch.setattr(hs, "fit_probe_head", negated)
     train_file, dev_file = toy
-    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9, head_lr=0.0),
               eval_path=dev_file, log=quiet)
     assert r["eval_accuracy_head_start"] is None
     assert not (tmp_path / "p" / "start.safetensors").exists()
@@ -91,7 +91,7 @@ def test_a_decoders_head_start_never_scores_below_its_exported_head(tiny_llama_b
     the exported head by the selection metric (eval cross-entropy)."""
     train_file, dev_file = toy
     lines: list[str] = []
-    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9),
+    r = train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp", lr=1e-9, head_lr=0.0),
               eval_path=_flipped(dev_file, tmp_path), log=lines.append)
     loss = {k: float(re.search(r"loss ([0-9.]+)", next(x for x in lines if x.startswith(k))).group(1))
             for k in ("start: eval", "linear-probe head: eval")}
