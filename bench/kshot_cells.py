@@ -91,7 +91,7 @@ def zoedge_default(spec: dict) -> dict:
     res = train(spec["bundle"], spec["splits"]["train"], out, cfg, eval_path=spec["splits"]["val"],
                 on_step=on_step, log=lambda _m: None)
     train_s = time.perf_counter() - t0
-    train_rss = res.get("peak_rss_mb")  # before the test evaluation opens the bundle a second time
+    train_rss = res["peak_rss_mb"]  # before the test evaluation opens the bundle a second time
     test = evaluate(spec["bundle"], spec["splits"]["test"], patch=out, batch=EVAL_BATCH)
     n_test_calls = -(-test["n"] // EVAL_BATCH)
     hist = res.get("history") or []
