@@ -22,11 +22,14 @@ install: $(STAMP)
 demo: install
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh $(DEMO) $(SST2)
 
+# Two pytest workers, one per core: the tests are mostly single-threaded (xdist; worksteal evens out long tests).
+XDIST  := -n 2 --dist worksteal
+
 test: install
-	$(PY) -m pytest -q -m "not slow and not tflite"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not tflite"
 
 test-slow: install
-	$(PY) -m pytest -q -m "slow and not tflite"
+	$(PY) -m pytest -q $(XDIST) -m "slow and not tflite"
 
 # The server suite again, against a real PostgreSQL that scripts/ci_postgres.sh installs and starts.
 test-server: install
