@@ -52,7 +52,7 @@ test-arm64: install
 # patches, batch-independent int8; MiniLM lr=10 on the real model), a longer schema fuzz.
 test-reliability: install
 	$(PY) scripts/crash_harness.py --kills 50 --json
-	$(PY) -m pytest -q tests/test_training_trust.py tests/test_real_trust.py tests/test_server_sanity.py \
+	$(PY) -m pytest -q $(XDIST) tests/test_training_trust.py tests/test_real_trust.py tests/test_server_sanity.py \
 	    tests/test_patch_contract.py tests/test_quant_batch_independence.py
 	ZOEDGE_FUZZ_EXAMPLES=60 $(PY) -m pytest -q tests/test_reliability_server.py
 
