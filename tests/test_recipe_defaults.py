@@ -20,6 +20,7 @@ def encoder(tiny_bert_bundle) -> Manifest:
 def test_an_encoder_with_lora_trains_its_head_exactly_and_lora_at_the_larger_lr(encoder):
     cfg = resolve(TrainConfig(), encoder)
     assert (cfg.head_lr, cfg.lr) == (1e-3, 3e-3)
+    assert (cfg.steps, cfg.lr_schedule) == (2000, "constant")
 
 
 @pytest.mark.parametrize("given", [
@@ -48,4 +49,6 @@ def test_a_decoder_with_lora_trains_its_head_exactly_at_its_own_smaller_lr(tiny_
     assert m.kind == "decoder" and "lora" in m.trainable_kinds
     cfg = resolve(TrainConfig(), m)
     assert (cfg.head_lr, cfg.lr) == (1e-4, 3e-3)
+    assert (cfg.steps, cfg.lr_schedule) == (500, "linear")  # round 6: 500 steps, the lr decaying to 0
+    assert resolve(TrainConfig(lr_schedule="constant"), m).lr_schedule == "constant"
     assert resolve(TrainConfig(head_lr=0.0), m).lr == 3e-4  # the head in ZO: the decoder's old lr
