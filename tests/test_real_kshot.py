@@ -99,12 +99,11 @@ def _assert_not_below(base: dict[str, np.ndarray], zoedge: np.ndarray, r: dict, 
 
 
 def test_smollm2_default_recipe_never_ends_below_zero_shot_and_probe_on_kshot_test(tmp_path, sst2, monkeypatch):
-    """SmolLM2 int8, the default recipe cut to 200 ZO steps (CI time; its lr then decays to 0 over those 200): the
-    centred head start and keep-best on validation loss must not end below max(zero-shot, LP) on test by more than
-    2 paired standard errors (the noise of comparing two classifiers on the same 872 sentences; no selection saw
-    them). The exported bundle is zero-shot 79.0%, the plain probe 73.6%
-    (bench/results/kshot/smollm2-135m/sst2-k16-s13-*.json). Measured with the round-6 recipe: 81.3%, +2.4 paired SE
-    over zero-shot, kept step 150 (the round-4 constant lr: 81.1%, +1.9 SE)."""
+    """SmolLM2 int8, the default recipe cut to 200 ZO steps (CI time): the centred head start and keep-best on
+    validation loss must not end below max(zero-shot, LP) on test by more than 2 paired standard errors (the
+    noise of comparing two classifiers on the same 872 sentences; no selection saw them). The exported bundle is
+    zero-shot 79.0%, the plain probe 73.6% (bench/results/kshot/smollm2-135m/sst2-k16-s13-*.json). Measured: 81.1%,
+    +1.9 paired SE over zero-shot (round 4); with round 6's linear decay over the 200 steps 81.3%, +2.4 SE."""
     monkeypatch.setenv("ZOEDGE_THREADS", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     split = _split(tmp_path, sst2)
