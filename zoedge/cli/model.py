@@ -140,7 +140,7 @@ def train(
     prompt: Optional[str] = _train_option('prompt'),
     head_lr: Optional[float] = _train_option('head_lr'),
     weight_decay: float = _train_option('weight_decay'),
-    lr_schedule: Optional[str] = _train_option('lr_schedule'),
+    lr_schedule: str = _train_option('lr_schedule'),
     clip: float = _train_option('clip'),
     eval_every: Optional[int] = _train_option('eval_every'),
     eval_limit: int = _train_option('eval_limit'),

@@ -31,7 +31,7 @@ class TrainConfig:
     objective: str | None = _f(None, "ce | accuracy | f1 (classify), lm (lm bundles)")
     head_init: str | None = _f(None, "lp (linear-probe fit of the head first) | none")
     weight_decay: float = _f(0.0, "Weight decay (not on biases / norms)")
-    lr_schedule: str | None = _f(None, "constant | linear | cosine (default: by bundle kind)")
+    lr_schedule: str = _f("constant", "constant | linear | cosine")
     clip: float = _f(0.0, "Clip |projected gradient| to this value (0 = off)")
     eval_every: int | None = _f(None, "Evaluate every N steps (default: steps/10)")
     eval_limit: int = _f(0, "Use at most N eval examples (0 = all)")
@@ -65,8 +65,7 @@ def default_recipe(m: Manifest) -> dict[str, Any]:
     """Per-bundle-kind defaults (the recipe a user gets by typing nothing); measurements in docs/learning.md."""
     lora = "lora" in m.trainable_kinds
     if m.task == "lm":
-        return {"lr": 1e-4 if lora else 1e-6, "eps": 1e-2 if lora else 1e-3, "steps": 500, "objective": "lm",
-                "lr_schedule": "constant"}
+        return {"lr": 1e-4 if lora else 1e-6, "eps": 1e-2 if lora else 1e-3, "steps": 500, "objective": "lm"}
     # The linear-probe head start is the measured lever for both kinds (MiniLM 2k -> 30k examples: 75 -> 81%;
     # SmolLM2 2k examples: 78.4% zero-shot -> 80.5%). It needs a head with a bias; decoder bundles exported
     # before the label head had one start from the prompt's zero-shot head instead. At k = 16 (docs/learning.md,
@@ -79,16 +78,15 @@ def default_recipe(m: Manifest) -> dict[str, Any]:
         # SST-2 k=16 s13 validation CE 0.662 -> 0.560 (head in ZO at lr 1e-3: 0.598; LoRA at 1e-2 diverged after
         # step 600). Without it (a seed pool, no LoRA) the head stays in ZO at lr 1e-3.
         exact = {"head_lr": 1e-3, "lr_exact_head": 3e-3} if lora else {}
-        return {"lr": 1e-3, "eps": 1e-2, "steps": 2000, "objective": "ce", "lr_schedule": "constant", **exact,
+        return {"lr": 1e-3, "eps": 1e-2, "steps": 2000, "objective": "ce", **exact,
                 "head_init": "lp" if lp else "none", "lp_examples": 30000}  # ~5 ms per example, one thread
     # Decoder features are large (SmolLM2: norm 42, the CE's smoothness bound ~400), so its exact head takes a 10x
     # smaller step than an encoder's; with the head out of ZO, LoRA takes the encoder's 3e-3. SmolLM2 SST-2 k=16
     # s13 (docs/learning.md, round 4): head in ZO at 3e-4 79.9% test; exact head 1e-4 + LoRA 1e-3 81.0%; + 3e-3 82.8%.
-    # 500 steps with the lr decaying linearly to 0 (round 6) stopped the memorisation and the rollbacks but scored lower
-    # on all three seeds (mean 80.1% against 81.0%), so the recipe stays at 1,000 constant steps.
+    # 500 steps with the lr decaying linearly to 0 (round 6: --steps 500 --lr-schedule linear) stopped the rollbacks
+    # but scored lower on all three seeds (mean 80.1% against 81.0%), so the recipe stays at 1,000 constant steps.
     exact = {"head_lr": 1e-4, "lr_exact_head": 3e-3} if lora else {}
-    return {"lr": 3e-4 if lora else 1e-5, "eps": 1e-2, "steps": 1000, "lr_schedule": "constant", "objective": "ce",
-            **exact,
+    return {"lr": 3e-4 if lora else 1e-5, "eps": 1e-2, "steps": 1000, "objective": "ce", **exact,
             "head_init": "lp" if lp else "none", "lp_examples": 8000}  # SmolLM2: ~60 ms per example, one thread
 
 
@@ -102,7 +100,6 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
         cfg.lr = d["lr_exact_head"] if cfg.head_lr and "lr_exact_head" in d else d["lr"]
     cfg.eps = d["eps"] if cfg.eps is None else cfg.eps
     cfg.steps = d["steps"] if cfg.steps is None else cfg.steps
-    cfg.lr_schedule = cfg.lr_schedule or d["lr_schedule"]
     cfg.objective = cfg.objective or d["objective"]
     cfg.head_init = cfg.head_init or ("none" if cfg.seed_pool_from else d.get("head_init", "none"))
     cfg.lp_examples = d.get("lp_examples", 30000) if cfg.lp_examples is None else cfg.lp_examples
