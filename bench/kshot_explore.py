@@ -2,6 +2,7 @@
 
   python -m bench.kshot_explore probe BUNDLE SPLIT_DIR          # plain and centred probes over an L2 grid
   python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--no-floor] [--set lr=1e-3 --set steps=2000 ...]
+  python -m bench.kshot_explore gate BUNDLE SPLIT_DIR [SPLIT_DIR ...]  # the trainer's head start and its keep/drop call
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -71,6 +72,24 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], 
                       "seconds": r["seconds"], "history": r["history"]}))
 
 
+def _gate(bundle_dir: str, splits: list[Path]) -> None:
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluator import Evaluator, load_dataset
+    from zoedge.runtime.forward import open_forward
+    from zoedge.runtime.head_start import head_start
+
+    for split in splits:
+        b = Bundle.open(bundle_dir)
+        m, t = b.manifest, b.initial_trainables()
+        ev = Evaluator(b, open_forward(b, t), 16)
+        train, val = load_dataset(split / "train.tsv", m), load_dataset(split / "val.tsv", m)
+        start, logits = ev.measure(val)
+        said: list[str] = []
+        hs = head_start(m, b, ev, train, t, len(train.texts), 0, True, val, logits, said.append)
+        print(json.dumps({"split": split.name, "start": start, "head_start": hs.metrics,
+                          "kept": bool(hs.tensors), "log": said}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kshot_explore", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -84,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--l2", type=float, default=0.0)
     t.add_argument("--set", dest="sets", action="append", default=[], help="TrainConfig field=JSON value")
     t.add_argument("--no-floor", action="store_true", help="no warm-start L2 floor for a plain probe")
+    g = sub.add_parser("gate")
+    g.add_argument("bundle")
+    g.add_argument("splits", type=Path, nargs="+")
     a = ap.parse_args(argv)
     if a.cmd == "probe":
         _probe(a.bundle, a.split)
+    elif a.cmd == "gate":
+        _gate(a.bundle, a.splits)
     else:
         _train(a.bundle, a.split, a.out, a.l2, a.sets, floor=not a.no_floor)
     return 0

@@ -99,11 +99,13 @@ def _assert_not_below(base: dict[str, np.ndarray], zoedge: np.ndarray, r: dict, 
 
 
 def test_smollm2_default_recipe_never_ends_below_zero_shot_and_probe_on_kshot_test(tmp_path, sst2, monkeypatch):
-    """SmolLM2 int8, the default recipe cut to 200 ZO steps (CI time): the centred head start and keep-best on
-    validation loss must not end below max(zero-shot, LP) on test by more than 2 paired standard errors (the
-    noise of comparing two classifiers on the same 872 sentences; no selection saw them). The exported bundle is
+    """SmolLM2 int8, the default recipe cut to 200 ZO steps (CI time): the probe head start is dropped on this seed
+    (+1.6 paired SE over the exported head on validation, under the 2 it needs), and keep-best on validation loss
+    must not end below max(zero-shot, LP) on test by more than 2 paired standard errors (the noise of comparing two
+    classifiers on the same 872 sentences; no selection saw them). The exported bundle is
     zero-shot 79.0%, the plain probe 73.6% (bench/results/kshot/smollm2-135m/sst2-k16-s13-*.json). Measured: 81.1%,
-    +1.9 paired SE over zero-shot (round 4); with round 6's linear decay over the 200 steps 81.3%, +2.4 SE."""
+    +1.9 paired SE over zero-shot (round 4, probe kept); with round 6's linear decay over the 200 steps 81.3%, +2.4
+    SE; round 7 (probe dropped) 78.8%, -0.3 SE, kept step 200."""
     monkeypatch.setenv("ZOEDGE_THREADS", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     split = _split(tmp_path, sst2)
@@ -111,4 +113,5 @@ def test_smollm2_default_recipe_never_ends_below_zero_shot_and_probe_on_kshot_te
     base = _baselines(b, split)
     r, zoedge = _train_and_test(b, split, tmp_path / "p", "--steps", "200", "--eval-every", "50")
     assert r["prompt_template"] in Bundle.open(b).manifest.prompt_candidates
+    assert r["eval_accuracy_head_start"] is None  # the gate kept the exported head
     _assert_not_below(base, zoedge, r, "smollm2")

@@ -52,10 +52,3 @@ def test_a_decoder_with_lora_trains_its_head_exactly_at_its_own_smaller_lr(tiny_
     assert (cfg.steps, cfg.lr_schedule) == (1000, "constant")  # round 6's 500 decaying steps scored lower
     assert resolve(TrainConfig(lr_schedule="linear"), m).lr_schedule == "linear"
     assert resolve(TrainConfig(head_lr=0.0), m).lr == 3e-4  # the head in ZO: the decoder's old lr
-
-
-def test_a_decoder_starts_from_its_exported_zero_shot_head_and_an_encoder_from_a_probe(tiny_llama_bundle, encoder):
-    # round 7: the centred probe fitted on 32 sentences cost SmolLM2 seed 42 1.6 test points before any step
-    assert resolve(TrainConfig(), Manifest.load(tiny_llama_bundle)).head_init == "none"
-    assert resolve(TrainConfig(head_init="lp"), Manifest.load(tiny_llama_bundle)).head_init == "lp"
-    assert resolve(TrainConfig(), encoder).head_init == "lp"

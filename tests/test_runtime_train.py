@@ -320,15 +320,15 @@ def test_linear_probe_ignores_near_constant_features():
 
 
 def test_decoder_picks_its_prompt_by_held_out_probe_accuracy(tiny_llama_bundle, toy, tmp_path):
-    """--head-init lp on a decoder: a linear-probe head start through the best of the bundle's prompt candidates
+    """The default decoder recipe: a linear-probe head start through the best of the bundle's prompt candidates
     (the exported prompt, a continuation, the chat template); the patch records the choice and the scores."""
     train_file, dev_file = toy
     m = Bundle.open(tiny_llama_bundle).manifest
     assert m.prompt_candidates[0] == m.prompt_template and len(m.prompt_candidates) == 3
     assert any("<|im_start|>assistant" in c for c in m.prompt_candidates)
-    train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2, head_init="lp"), eval_path=dev_file,
-          log=quiet)
+    train(tiny_llama_bundle, train_file, tmp_path / "p", TrainConfig(steps=2), eval_path=dev_file, log=quiet)
     doc = json.loads((tmp_path / "p" / "patch.json").read_text())
+    assert doc["hyperparameters"]["head_init"] == "lp"
     searched = doc["prompt_search"]
     assert [r["prompt_template"] for r in searched] == m.prompt_candidates
     best = max(r["held_out_accuracy"] for r in searched)

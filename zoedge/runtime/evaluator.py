@@ -53,19 +53,34 @@ class Evaluator:
         return [np.concatenate(p) for p in parts]
 
     def __call__(self, data: Dataset) -> dict[str, float]:
+        return self.measure(data)[0]
+
+    def measure(self, data: Dataset) -> tuple[dict[str, float], np.ndarray | None]:
+        """The metrics and, on labelled data, the logits they came from (for paired comparisons)."""
         if data.labels is not None:
             (logits,) = self.outputs(data, (OUTPUT_LOGITS,))
             return {"accuracy": objectives.accuracy(logits, data.labels),
                     "loss": objectives.cross_entropy(logits, data.labels),
-                    "f1": objectives.macro_f1(logits, data.labels)}
+                    "f1": objectives.macro_f1(logits, data.labels)}, logits
         nll, n = self.outputs(data, (OUTPUT_NLL, OUTPUT_TOKENS))
         loss = objectives.lm_loss(nll, n)
-        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50)))}, None
 
 
 def score(metrics: dict[str, float], by: str = "loss") -> float:
     """Higher is better: -loss (cross-entropy, or the LM loss), or accuracy when by="accuracy" and there is one."""
     return metrics["accuracy"] if by == "accuracy" and "accuracy" in metrics else -metrics["loss"]
+
+
+def paired_gain(before: np.ndarray, after: np.ndarray, labels: np.ndarray, by: str = "loss") -> tuple[float, float]:
+    """How much better the logits `after` score than `before` on the same examples, and the standard error of that
+    mean difference: per example, the label's log-likelihood (by="loss") or being right (by="accuracy")."""
+    if by == "accuracy":
+        per = lambda lg: (lg.argmax(-1) == labels).astype(np.float64)  # noqa: E731
+    else:
+        per = lambda lg: objectives.log_softmax(lg)[np.arange(len(labels)), labels]  # noqa: E731
+    d = per(after) - per(before)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 
 def fmt(metrics: dict[str, float]) -> str:

@@ -159,14 +159,15 @@ def _start(state: RunState, m: Manifest, bundle: Bundle, evaluator: Evaluator, t
            eval_set: Dataset | None, cfg: TrainConfig, log: Callable[[str], None]) -> None:
     """Step 0: eval of the exported tensors, the head start, and the first best."""
     evaluator.batch = state.batch
+    start_logits = None
     if eval_set is not None:
-        state.start_metrics = evaluator(eval_set)
+        state.start_metrics, start_logits = evaluator.measure(eval_set)
         log(f"start: eval {fmt(state.start_metrics)}")
     if cfg.prompt != "auto":
         bundle.encoder.template = cfg.prompt
     if cfg.head_init == "lp":
         hs = head_start(m, bundle, evaluator, train_set, state.tensors, cfg.lp_examples, cfg.seed,
-                        cfg.prompt == "auto", eval_set, state.start_metrics, log, cfg.select)
+                        cfg.prompt == "auto", eval_set, start_logits, log, cfg.select)
         state.start, state.lp_metrics, state.prompt_search = hs.tensors, hs.metrics, hs.prompt_search
     state.prompt_template = bundle.encoder.template
     begin = state.lp_metrics or state.start_metrics
