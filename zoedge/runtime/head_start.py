@@ -46,8 +46,9 @@ def head_start(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors
     log(f"linear-probe head: eval {fmt(hs.metrics)}")
     if m.kind == "decoder" and start_logits is not None:
         gain, se = paired_gain(start_logits, logits, eval_set.labels, select)
+        z = gain / se if se else (float("inf") if gain > 0 else 0.0)
         log(f"linear-probe head against the exported head on the eval data: {gain:+.4f} per example "
-            f"({gain / se if se else float('inf'):+.1f} paired SE)")
+            f"({z:+.1f} paired SE)")
         if not gain > HEAD_START_MIN_GAIN_SE * se:
             for k, v in exported.items():
                 np.copyto(tensors[k], v)
