@@ -74,18 +74,20 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], 
 
 def _gate(bundle_dir: str, splits: list[Path]) -> None:
     from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.config import TrainConfig, resolve
     from zoedge.runtime.evaluator import Evaluator, load_dataset
     from zoedge.runtime.forward import open_forward
     from zoedge.runtime.head_start import head_start
 
-    for split in splits:
+    for split in splits:  # a fresh bundle per split: the head start sets its tensors and prompt in place
         b = Bundle.open(bundle_dir)
         m, t = b.manifest, b.initial_trainables()
-        ev = Evaluator(b, open_forward(b, t), 16)
+        cfg = resolve(TrainConfig(), m)  # the default recipe's head-start settings
+        ev = Evaluator(b, open_forward(b, t), cfg.batch_size)
         train, val = load_dataset(split / "train.tsv", m), load_dataset(split / "val.tsv", m)
         start, logits = ev.measure(val)
         said: list[str] = []
-        hs = head_start(m, b, ev, train, t, len(train.texts), 0, True, val, logits, said.append)
+        hs = head_start(m, b, ev, train, t, cfg.lp_examples, cfg.seed, True, val, logits, said.append, cfg.select)
         print(json.dumps({"split": split.name, "start": start, "head_start": hs.metrics,
                           "kept": bool(hs.tensors), "log": said}))
 

@@ -76,10 +76,9 @@ def paired_gain(before: np.ndarray, after: np.ndarray, labels: np.ndarray, by: s
     """How much better the logits `after` score than `before` on the same examples, and the standard error of that
     mean difference: per example, the label's log-likelihood (by="loss") or being right (by="accuracy")."""
     if by == "accuracy":
-        per = lambda lg: (lg.argmax(-1) == labels).astype(np.float64)  # noqa: E731
+        d = (after.argmax(-1) == labels).astype(np.float64) - (before.argmax(-1) == labels)
     else:
-        per = lambda lg: objectives.log_softmax(lg)[np.arange(len(labels)), labels]  # noqa: E731
-    d = per(after) - per(before)
+        d = objectives.label_log_likelihood(after, labels) - objectives.label_log_likelihood(before, labels)
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 

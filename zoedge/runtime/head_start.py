@@ -3,7 +3,7 @@ graph returns, numpy only); decoders first pick their prompt among the bundle's 
 head is the prompt's zero-shot classifier (the label words' LM rows): a head start is kept only when it beats that
 head on the eval data by more than HEAD_START_MIN_GAIN_SE paired standard errors, so training never starts below the
 bundle on the strength of a few lucky eval examples (SmolLM2, SST-2 k = 16, seed 42: the centred probe lowered the
-CE on 32 validation sentences and cost 1.6 points on the 872 test sentences). An encoder's exported head is random, no
+CE on 32 validation sentences and cost 4.2 points on the 872 test sentences). An encoder's exported head is random, no
 baseline to keep (on a k = 16 Drugs.com split it scored 41.7% on the 48 validation reviews by chance, the probe
 below it, and the dropped probe cost 8.7 test points)."""
 

@@ -14,8 +14,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def label_log_likelihood(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per example: the log-probability of its label."""
+    return log_softmax(logits)[np.arange(len(labels)), labels]
+
+
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
+    return float(-label_log_likelihood(logits, labels).mean())
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
