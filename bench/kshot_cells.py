@@ -112,7 +112,7 @@ def _hyper(patch: Path) -> dict:
     doc = json.loads((patch / "patch.json").read_text())
     h = doc.get("hyperparameters") or doc.get("meta", {}).get("hyperparameters") or {}
     keep = ("steps", "batch_size", "lr", "eps", "optimizer", "objective", "head_init", "lp_examples", "perturbations",
-            "eval_every", "keep", "select", "seed", "lr_schedule", "weight_decay", "prompt")
+            "eval_every", "keep", "select", "seed", "lr_schedule", "weight_decay", "prompt", "patience")
     return {k: h.get(k) for k in keep}
 
 

@@ -6,8 +6,11 @@ import dataclasses
 
 import pytest
 
+from runtime_helpers import write_toy_split
+from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, resolve
+from zoedge.runtime.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +55,26 @@ def test_a_decoder_with_lora_trains_its_head_exactly_at_its_own_smaller_lr(tiny_
     assert (cfg.steps, cfg.lr_schedule) == (1000, "constant")  # round 6's 500 decaying steps scored lower
     assert resolve(TrainConfig(lr_schedule="linear"), m).lr_schedule == "linear"
     assert resolve(TrainConfig(head_lr=0.0), m).lr == 3e-4  # the head in ZO: the decoder's old lr
+
+
+def test_a_decoder_stops_after_three_evals_without_a_better_one_unless_told_otherwise(tiny_llama_bundle, encoder):
+    """Round 7: every SmolLM2 seed kept step 200 or 300 and then diverged; patience 3 ends those runs at the kept
+    tensors. The encoder keeps running its steps (its cells were measured without patience)."""
+    m = Manifest.load(tiny_llama_bundle)
+    assert resolve(TrainConfig(), m).patience == 3
+    assert resolve(TrainConfig(patience=0), m).patience == 0
+    assert resolve(TrainConfig(), encoder).patience == 0
+    with pytest.raises(ZoedgeError, match="bad --patience"):
+        resolve(TrainConfig(patience=-1), m)
+
+
+def test_patience_stops_the_run_and_the_patch_keeps_the_best(tiny_llama_bundle, tmp_path):
+    """With --select accuracy and a step too small to change a prediction, no eval after step 0 is better: the
+    run stops at eval_every x patience steps, and the patch is the start's tensors."""
+    train_f, dev_f = write_toy_split(tmp_path, 40, 16)
+    cfg = TrainConfig(steps=50, batch_size=4, lr=1e-12, head_lr=1e-12, head_init="none", select="accuracy",
+                      eval_every=5, patience=2)
+    messages: list[str] = []
+    r = train(tiny_llama_bundle, train_f, tmp_path / "p", cfg, eval_path=dev_f, log=messages.append)
+    assert r["steps_run"] == 10 and r["steps"] == 0
+    assert any("early stop at step 10" in line for line in messages)

@@ -144,7 +144,7 @@ def train(
     clip: float = _train_option('clip'),
     eval_every: Optional[int] = _train_option('eval_every'),
     eval_limit: int = _train_option('eval_limit'),
-    patience: int = _train_option('patience'),
+    patience: Optional[int] = _train_option('patience'),
     keep: str = _train_option('keep'),
     select: str = _train_option('select'),
     roles: Optional[str] = _train_option('roles'),
