@@ -100,7 +100,8 @@ def zoedge_default(spec: dict) -> dict:
             "train_forward_passes": res["forward_passes"], "train_peak_rss_mb": train_rss,
             "detail": {"val_accuracy_start": res["eval_accuracy_start"],
                        "val_accuracy_head_start": res["eval_accuracy_head_start"], "best_step": res["steps"],
-                       "steps_run": res["steps_run"], "rollbacks": res["rollbacks"], "curve": curve,
+                       "steps_run": res["steps_run"], "rollbacks": res["rollbacks"], "kept_gain": res.get("kept_gain"),
+                       "curve": curve,
                        "history": hist, "prompt": res.get("prompt_template")},
             "settings": {"recipe": "zoedge train defaults" if not spec.get("train_overrides") else "overridden",
                          "overrides": spec.get("train_overrides", {}), "hyperparameters": _hyper(out)}}

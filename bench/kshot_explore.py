@@ -69,6 +69,7 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], 
     acc = float((predict(b, load_patch_tensors(out, b.manifest), test.texts).argmax(1) == test.labels).mean())
     print(json.dumps({"l2": l2, **over, "test_accuracy": round(acc, 4), "val_accuracy": r["eval_accuracy"],
                       "val_accuracy_head_start": r["eval_accuracy_head_start"], "kept_step": r["steps"],
+                      "kept_gain": r.get("kept_gain"),
                       "seconds": r["seconds"], "history": r["history"]}))
 
 

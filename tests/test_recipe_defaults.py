@@ -1,15 +1,23 @@
-"""The default recipe's exact-gradient head (issue 12, round 3): which runs get it, and the lr that comes with it."""
+"""The default recipe (issue 12): which runs get the exact-gradient head and its lr (round 3), the decoder's patience
+(round 7) and its token budget per step (round 8)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 
 from runtime_helpers import write_toy_split
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
+from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.config import TrainConfig, resolve
+from zoedge.runtime.evaluator import Dataset
+from zoedge.runtime.memory import plan_token_batch
+from zoedge.runtime.patch import ADAPTER_FILE, replay_patch
+from zoedge.runtime.tensors import load_tensors
 from zoedge.runtime.trainer import train
 
 
@@ -78,3 +86,32 @@ def test_patience_stops_the_run_and_the_patch_keeps_the_best(tiny_llama_bundle, 
     r = train(tiny_llama_bundle, train_f, tmp_path / "p", cfg, eval_path=dev_f, log=messages.append)
     assert r["steps_run"] == 10 and r["steps"] == 0
     assert any("early stop at step 10" in line for line in messages)
+
+
+def test_the_token_budget_shrinks_the_batch_for_long_rows_only():
+    logs: list[str] = []
+    assert plan_token_batch([20] * 30, 16, 640, logs.append) == 16 and not logs  # SST-2-like phrases: unchanged
+    assert plan_token_batch([128] * 40, 16, 640, logs.append) == 5  # reviews and articles at the 128-token cap
+    assert "batch size 16 -> 5" in logs[-1] and "90th percentile 128 tokens" in logs[-1]
+    assert plan_token_batch([10] * 19 + [500], 16, 640, logs.append) == 16  # one long outlier is not the width
+    assert plan_token_batch([128] * 5, 16, 64, logs.append) == 1  # never below one example
+
+
+def test_a_decoder_plans_its_batch_from_its_token_budget(tiny_llama_bundle, encoder, tmp_path):
+    """The planned batch is the patch's batch_size (the trajectory replays with it); off for encoders."""
+    m = Manifest.load(tiny_llama_bundle)
+    assert resolve(TrainConfig(), m).step_tokens == 640 and resolve(TrainConfig(), encoder).step_tokens == 0
+    with pytest.raises(ZoedgeError, match="bad --step-tokens"):
+        resolve(TrainConfig(step_tokens=-5), m)
+    train_f, _ = write_toy_split(tmp_path, 40, 16)
+    cfg = TrainConfig(steps=3, batch_size=8, head_init="none", step_tokens=20)
+    messages: list[str] = []
+    train(tiny_llama_bundle, train_f, tmp_path / "p", cfg, log=messages.append)
+    doc = json.loads((tmp_path / "p" / "patch.json").read_text())
+    width = sorted(len(r) for r in Dataset(
+        [ln.split("\t")[0] for ln in train_f.read_text().splitlines()[1:]], None).rows(Bundle.open(tiny_llama_bundle).encoder))
+    assert doc["hyperparameters"]["batch_size"] == max(1, 20 // int(np.percentile(width, 90))) < 8
+    assert any("--step-tokens 20: batch size 8 ->" in line for line in messages)
+    rebuilt = replay_patch(tmp_path / "p", tiny_llama_bundle)
+    adapter = load_tensors(tmp_path / "p" / ADAPTER_FILE)
+    assert all(np.array_equal(adapter[k], rebuilt[k]) for k in adapter)

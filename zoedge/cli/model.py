@@ -149,6 +149,7 @@ def train(
     select: str = _train_option('select'),
     roles: Optional[str] = _train_option('roles'),
     max_memory: Optional[str] = _train_option('max_memory'),
+    step_tokens: Optional[int] = _train_option('step_tokens'),
     checkpoint_every: int = _train_option('checkpoint_every'),
     seed: int = _train_option('seed'),
     seed_pool: int = _train_option('seed_pool'),

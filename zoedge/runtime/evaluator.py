@@ -20,11 +20,16 @@ class Dataset:
     labels: np.ndarray | None
     _tokens: dict[str, list[list[int]]] = field(default_factory=dict, repr=False)  # template -> token ids
 
-    def batch(self, encoder: TextEncoder, idx) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, mask) of the examples idx, tokenised once per template and padded per batch."""
+    def rows(self, encoder: TextEncoder) -> list[list[int]]:
+        """Every example's token ids through the encoder's template, tokenised once per template."""
         rows = self._tokens.get(encoder.template)
         if rows is None:
             rows = self._tokens[encoder.template] = encoder.token_ids(self.texts)
+        return rows
+
+    def batch(self, encoder: TextEncoder, idx) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, mask) of the examples idx, padded per batch."""
+        rows = self.rows(encoder)
         return encoder.pad([rows[i] for i in idx])
 
 

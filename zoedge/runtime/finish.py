@@ -9,13 +9,44 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
+from zoedge.constants import MIN_GAIN_SE
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, trajectory_key
+from zoedge.runtime.evaluator import paired_gain
 from zoedge.runtime.memory import peak_rss_mb
 from zoedge.runtime import seedpool
 from zoedge.runtime.patch import read_patch, write_patch
 from zoedge.runtime.setup import Run
+
+
+def gate_kept_step(run: Run, log: Callable[[str], None]) -> None:
+    """A decoder keeps its best step only when it beats step 0 (the exported head, or a probe head start that passed
+    its own gate) on the eval data by more than MIN_GAIN_SE paired standard errors; otherwise the patch is step 0.
+    Keep-best picks the best of many evaluations of 32 noisy sentences: its winner must also beat its start beyond
+    that noise. Both tensor sets are evaluated here, so a resumed run decides the same way."""
+    m, cfg, state, eval_set = run.m, run.cfg, run.state, run.eval_set
+    if not (m.kind == "decoder" and m.task == "classify" and cfg.keep == "best" and eval_set is not None
+            and state.best_step > 0):
+        return
+    live = {k: v.copy() for k, v in run.tensors.items()}
+    origin = {**run.bundle.initial_trainables(), **state.start}
+    logits = []
+    for tensors in (origin, state.best):
+        for k, v in tensors.items():
+            np.copyto(run.tensors[k], v)
+        logits.append(run.evaluator.measure(eval_set)[1])
+    for k, v in live.items():
+        np.copyto(run.tensors[k], v)
+    gain, se = paired_gain(logits[0], logits[1], eval_set.labels, cfg.select)
+    state.kept_gain = {"step": state.best_step, "gain": gain, "se": se, "kept": bool(gain > MIN_GAIN_SE * se)}
+    z = gain / se if se else 0.0
+    log(f"step {state.best_step} against step 0 on the eval data: {gain:+.4f} per example ({z:+.1f} paired SE)")
+    if not state.kept_gain["kept"]:
+        log(f"the gain is not above {MIN_GAIN_SE:g} paired SE: the patch keeps step 0")
+        state.best, state.best_step = origin, 0
 
 
 def write_result(run: Run, t0: float) -> dict:
@@ -33,6 +64,7 @@ def write_result(run: Run, t0: float) -> dict:
         "eval_accuracy_head_start": (state.lp_metrics or {}).get("accuracy"),
         "eval_accuracy": (final_metrics or {}).get("eval_accuracy"),
         "eval_loss": (final_metrics or {}).get("eval_loss"),
+        "kept_gain": state.kept_gain,
         "history": state.history,
     }
     meta = {
@@ -82,7 +114,7 @@ def _summary(out: Path, meta: dict, metrics: dict, seconds: float, forward_passe
         "eval_accuracy": metrics.get("eval_accuracy"), "peak_rss_mb": round(peak_rss_mb(), 1),
         "forward_passes": forward_passes, "batch_size": meta["hyperparameters"]["batch_size"],
         "rollbacks": meta["rollbacks"], "optimizer_state_bytes": meta["optimizer_state_bytes"], "patch": str(out),
-        "history": metrics.get("history", []),
+        "kept_gain": metrics.get("kept_gain"), "history": metrics.get("history", []),
     }
     if "prompt_template" in meta:
         result["prompt_template"] = meta["prompt_template"]

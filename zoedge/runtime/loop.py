@@ -18,7 +18,7 @@ from zoedge.constants import SNAPSHOT_EVERY
 from zoedge.runtime.checkpoint import CHECKPOINT_FILE
 from zoedge.runtime.config import TrainConfig, lr_at
 from zoedge.runtime.evaluator import score
-from zoedge.runtime.finish import finished, write_result
+from zoedge.runtime.finish import finished, gate_kept_step, write_result
 from zoedge.runtime.guard import after_failure, loss_problem, passed, tensor_problem
 from zoedge.runtime.head_grad import ce_head_step
 from zoedge.runtime.memory import peak_rss_mb
@@ -112,6 +112,7 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
 
     # ---- the patch ----------------------------------------------------------------------------------------------
     state.done = True
+    gate_kept_step(run, log)
     if cfg.checkpoint_every:
         state.save(out)  # a kill while the patch is written resumes here, not from an older checkpoint
     result = write_result(run, t0)

@@ -1,4 +1,4 @@
-"""Memory: parse budgets, read RSS, plan a batch size that fits."""
+"""Memory and step cost: parse budgets, read RSS, plan a batch size that fits a memory or a token budget."""
 
 from __future__ import annotations
 
@@ -73,4 +73,18 @@ def plan_training_batch(fwd, manifest, budget_mb: float, requested: int, moved_b
     if batch < requested:
         log(f"--max-memory {budget_mb:.0f}MB: batch size {requested} -> {batch} "
             f"(~{fixed:.0f}MB fixed + {per_example:.1f}MB per example)")
+    return batch
+
+
+def plan_token_batch(lengths: list[int], requested: int, budget: int, log) -> int:
+    """Largest batch <= requested whose padded forward stays within `budget` tokens, taking a batch's width as
+    the training rows' 90th-percentile token count (a batch is padded to its longest row): long documents take
+    smaller batches, so a step costs about what it costs on short sentences (at least 1 example)."""
+    import numpy as np
+
+    width = max(1, int(np.percentile(lengths, 90)))
+    batch = max(1, min(requested, budget // width))
+    if batch < requested:
+        log(f"--step-tokens {budget}: batch size {requested} -> {batch} (training rows: 90th percentile "
+            f"{width} tokens)")
     return batch

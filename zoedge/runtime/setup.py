@@ -22,7 +22,7 @@ from zoedge.runtime.forward import open_forward
 from zoedge.runtime.guard import tensor_limits, tensor_problem
 from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.head_start import head_start
-from zoedge.runtime.memory import parse_size, plan_training_batch
+from zoedge.runtime.memory import parse_size, plan_token_batch, plan_training_batch
 from zoedge.runtime.patch import PATCH_FILE, PATCH_FILES
 from zoedge.runtime.seedpool import SeedPool, continue_from, pool_id
 from zoedge.runtime.state import RunState
@@ -102,8 +102,11 @@ def open_run(bundle: Bundle, cfg: TrainConfig, out: Path, mode: str, data: str |
         state = RunState(bundle_id=m.bundle_id, config=trajectory_key(cfg), tensors=tensors,
                          trajectory=np.zeros((cfg.steps, width), np.float32))
         state.batch = cfg.batch_size
+        if cfg.step_tokens:  # planned once from the training rows, like the memory plan below
+            state.batch = plan_token_batch([len(r) for r in train_set.rows(bundle.encoder)], state.batch,
+                                           cfg.step_tokens, log)
         if cfg.max_memory:  # planned once; a resumed run keeps the batch (it is part of the trajectory)
-            state.batch = plan_training_batch(fwd, m, parse_size(cfg.max_memory) / 2**20, cfg.batch_size,
+            state.batch = plan_training_batch(fwd, m, parse_size(cfg.max_memory) / 2**20, state.batch,
                                               moved_bytes, cfg.optimizer, log)
         if cfg.seed_pool_from:  # the next round: start at the global's tensors; its head start stays the start
             state.start = continue_from(cfg.seed_pool_from, m, tensors, pool, zo_cfg)[0]

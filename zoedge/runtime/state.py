@@ -45,6 +45,7 @@ class RunState:
     lp_metrics: dict[str, float] | None = None
     prompt_template: str | None = None
     prompt_search: list[dict] = field(default_factory=list)
+    kept_gain: dict[str, Any] | None = None  # the best step's paired gain over step 0 (finish.gate_kept_step)
     # the guard
     loss_ref: float | None = None  # running mean of the training loss
     loss_floor: float | None = None  # its lowest value: a slow climb cannot raise the blow-up threshold
