@@ -1,6 +1,6 @@
-"""A decoder's probe head start is kept only when it beats the exported head by more than MIN_GAIN_SE paired
+"""A decoder's probe head start is kept only when it beats the exported head by more than HEAD_START_MIN_GAIN_SE paired
 standard errors on the eval data (issue 12, round 7), and a dropped head start trains exactly as no head start; the
-kept ZO step likewise only when it beats step 0 (round 8), and otherwise the patch is step 0."""
+kept ZO step, under --min-gain-se, likewise only when it beats step 0 (round 8), and otherwise the patch is step 0."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-import zoedge.runtime.finish as finish
 import zoedge.runtime.head_start as head_start
 from runtime_helpers import quiet, write_toy_split
 from zoedge.patchdoc import TRAJECTORY_FILE
@@ -46,27 +45,31 @@ def _run(bundle, toy, out, **cfg) -> tuple[dict, dict, dict]:
 def test_a_dropped_head_start_trains_exactly_as_none_and_a_kept_one_starts_from_the_probe(tiny_llama_bundle, toy,
                                                                                           tmp_path, monkeypatch):
     r0, _, t0 = _run(tiny_llama_bundle, toy, tmp_path / "none", head_init="none")
-    monkeypatch.setattr(head_start, "MIN_GAIN_SE", float("inf"))  # no gain is enough: always dropped
+    monkeypatch.setattr(head_start, "HEAD_START_MIN_GAIN_SE", float("inf"))  # no gain is enough: always dropped
     r1, doc1, t1 = _run(tiny_llama_bundle, toy, tmp_path / "dropped", head_init="lp")
     assert r1["eval_accuracy_head_start"] is None and doc1["hyperparameters"]["head_init"] == "lp"
     assert r1["history"] == r0["history"]
     assert np.array_equal(np.load(tmp_path / "dropped" / TRAJECTORY_FILE), np.load(tmp_path / "none" / TRAJECTORY_FILE))
     assert all(np.array_equal(t1[k], t0[k]) for k in t0)
-    monkeypatch.setattr(head_start, "MIN_GAIN_SE", float("-inf"))  # any probe is kept
+    monkeypatch.setattr(head_start, "HEAD_START_MIN_GAIN_SE", float("-inf"))  # any probe is kept
     r2, _, _ = _run(tiny_llama_bundle, toy, tmp_path / "kept", head_init="lp")
     assert r2["eval_accuracy_head_start"] is not None and r2["history"][0] != r0["history"][0]
 
 
-def test_the_kept_step_must_beat_step_0_beyond_noise_or_the_patch_is_step_0(tiny_llama_bundle, toy, tmp_path,
-                                                                            monkeypatch):
-    monkeypatch.setattr(finish, "MIN_GAIN_SE", float("-inf"))  # any best step is kept
+def test_min_gain_se_keeps_the_best_step_only_beyond_that_noise_and_otherwise_step_0(tiny_llama_bundle, toy,
+                                                                                      tmp_path):
+    """Off by default: keep-best as it is, with the best step's paired gain over step 0 recorded; a threshold that
+    the same gain does not reach makes the patch step 0 (the exported tensors, an empty trajectory)."""
     r, _, _ = _run(tiny_llama_bundle, toy, tmp_path / "kept", head_init="none")
-    assert r["steps"] > 0 and r["kept_gain"] == {**r["kept_gain"], "step": r["steps"], "kept": True}
-    monkeypatch.setattr(finish, "MIN_GAIN_SE", float("inf"))  # no gain is enough
-    r0, doc0, t0 = _run(tiny_llama_bundle, toy, tmp_path / "step0", head_init="none")
+    g = r["kept_gain"]
+    assert r["steps"] > 0 and (g["step"], g["kept"]) == (r["steps"], True) and g["gain"] > 0 < g["se"]
+    need = g["gain"] / g["se"] + 0.01  # just out of this gain's reach
+    r0, _, t0 = _run(tiny_llama_bundle, toy, tmp_path / "step0", head_init="none", min_gain_se=need)
     assert (r0["steps"], r0["steps_run"], r0["kept_gain"]["kept"]) == (0, 6, False)
-    assert r0["kept_gain"]["gain"] == r["kept_gain"]["gain"]  # the same run up to the decision
+    assert r0["kept_gain"]["gain"] == g["gain"]  # the same run up to the decision
     assert r0["eval_accuracy"] == r0["history"][0]["eval_accuracy"]
     exported = Bundle.open(tiny_llama_bundle).initial_trainables()
     assert all(np.array_equal(t0[k], exported[k]) for k in exported)
     assert np.load(tmp_path / "step0" / TRAJECTORY_FILE).shape[0] == 0
+    r1, _, _ = _run(tiny_llama_bundle, toy, tmp_path / "kept2", head_init="none", min_gain_se=need - 0.02)
+    assert r1["steps"] == r["steps"] and r1["kept_gain"]["kept"]

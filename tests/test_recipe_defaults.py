@@ -74,6 +74,8 @@ def test_a_decoder_stops_after_three_evals_without_a_better_one_unless_told_othe
     assert resolve(TrainConfig(), encoder).patience == 0
     with pytest.raises(ZoedgeError, match="bad --patience"):
         resolve(TrainConfig(patience=-1), m)
+    with pytest.raises(ZoedgeError, match="bad --min-gain-se"):
+        resolve(TrainConfig(min_gain_se=float("nan")), m)
 
 
 def test_patience_stops_the_run_and_the_patch_keeps_the_best(tiny_llama_bundle, tmp_path):

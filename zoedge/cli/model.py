@@ -147,6 +147,7 @@ def train(
     patience: Optional[int] = _train_option('patience'),
     keep: str = _train_option('keep'),
     select: str = _train_option('select'),
+    min_gain_se: float = _train_option('min_gain_se'),
     roles: Optional[str] = _train_option('roles'),
     max_memory: Optional[str] = _train_option('max_memory'),
     step_tokens: Optional[int] = _train_option('step_tokens'),

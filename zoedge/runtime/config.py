@@ -40,6 +40,9 @@ class TrainConfig:
     keep: str = _f("best", "best (by --eval) | last: which tensors become the patch")
     select: str = _f("loss", "What 'best' means on --eval (keep-best, patience, the head-start guard): loss "
                              "(cross-entropy: smooth on a k-shot eval set) | accuracy")
+    min_gain_se: float = _f(0.0, "Decoders with --eval: keep the best step only when it beats step 0 on the eval data "
+                                 "by more than this many paired standard errors, else the patch is step 0 (0 = "
+                                 "plain keep-best; the gain and its SE are recorded either way)")
     seed: int = _f(0, "Run seed (perturbation directions and minibatches)")
     max_memory: str | None = _f(None, "Memory budget, e.g. 300MB: plans the batch size")
     step_tokens: int | None = _f(None, "Token budget of a step's forward: the batch shrinks to fit it at the training "
@@ -153,6 +156,8 @@ def resolve(cfg: TrainConfig, m: Manifest) -> TrainConfig:
     for name in ("patience", "step_tokens"):
         if getattr(cfg, name) < 0:
             raise ZoedgeError(f"bad --{name.replace('_', '-')}: must be >= 0 (0 = off)")
+    if not (math.isfinite(cfg.min_gain_se) and cfg.min_gain_se >= 0):
+        raise ZoedgeError("bad --min-gain-se: must be finite and >= 0 (0 = plain keep-best)")
     if not (math.isfinite(cfg.lr) and math.isfinite(cfg.eps) and cfg.lr > 0 and cfg.eps > 0):
         raise ZoedgeError("bad --lr/--eps: must be finite and > 0")
     if cfg.head_lr:

@@ -11,7 +11,6 @@ from typing import Callable
 
 import numpy as np
 
-from zoedge.constants import MIN_GAIN_SE
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, trajectory_key
@@ -23,10 +22,11 @@ from zoedge.runtime.setup import Run
 
 
 def gate_kept_step(run: Run, log: Callable[[str], None]) -> None:
-    """A decoder keeps its best step only when it beats step 0 (the exported head, or a probe head start that passed
-    its own gate) on the eval data by more than MIN_GAIN_SE paired standard errors; otherwise the patch is step 0.
-    Keep-best picks the best of many evaluations of 32 noisy sentences: its winner must also beat its start beyond
-    that noise. Both tensor sets are evaluated here, so a resumed run decides the same way."""
+    """A decoder's best step against step 0 (the exported head, or a probe head start that passed its own gate) on
+    the eval data: the per-example gain and its paired standard error, recorded in the patch; under
+    --min-gain-se N the patch falls back to step 0 unless the gain is above N SE. Keep-best picks the best of many
+    evaluations of a few noisy sentences; this says whether its winner beats its start beyond that noise. Both tensor
+    sets are evaluated here, so a resumed run decides the same way."""
     m, cfg, state, eval_set = run.m, run.cfg, run.state, run.eval_set
     if not (m.kind == "decoder" and m.task == "classify" and cfg.keep == "best" and eval_set is not None
             and state.best_step > 0):
@@ -41,11 +41,12 @@ def gate_kept_step(run: Run, log: Callable[[str], None]) -> None:
     for k, v in live.items():
         np.copyto(run.tensors[k], v)
     gain, se = paired_gain(logits[0], logits[1], eval_set.labels, cfg.select)
-    state.kept_gain = {"step": state.best_step, "gain": gain, "se": se, "kept": bool(gain > MIN_GAIN_SE * se)}
-    z = gain / se if se else 0.0
-    log(f"step {state.best_step} against step 0 on the eval data: {gain:+.4f} per example ({z:+.1f} paired SE)")
-    if not state.kept_gain["kept"]:
-        log(f"the gain is not above {MIN_GAIN_SE:g} paired SE: the patch keeps step 0")
+    kept = bool(gain > cfg.min_gain_se * se)
+    state.kept_gain = {"step": state.best_step, "gain": gain, "se": se, "kept": kept}
+    log(f"step {state.best_step} against step 0 on the eval data: {gain:+.4f} per example "
+        f"({gain / se if se else 0.0:+.1f} paired SE)")
+    if not kept:
+        log(f"the gain is not above --min-gain-se {cfg.min_gain_se:g} paired SE: the patch keeps step 0")
         state.best, state.best_step = origin, 0
 
 

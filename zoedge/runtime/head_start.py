@@ -1,7 +1,7 @@
 """The head start: before any ZO step, fit the head in closed form (a linear probe on the frozen features the
 graph returns, numpy only); decoders first pick their prompt among the bundle's candidates. A decoder's exported
 head is the prompt's zero-shot classifier (the label words' LM rows): a head start is kept only when it beats that
-head on the eval data by more than MIN_GAIN_SE paired standard errors, so training never starts below the
+head on the eval data by more than HEAD_START_MIN_GAIN_SE paired standard errors, so training never starts below the
 bundle on the strength of a few lucky eval examples (SmolLM2, SST-2 k = 16, seed 42: the centred probe lowered the
 CE on 32 validation sentences and cost 4.2 points on the 872 test sentences). An encoder's exported head is random, no
 baseline to keep (on a k = 16 Drugs.com split it scored 41.7% on the 48 validation reviews by chance, the probe
@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from zoedge.constants import (MIN_GAIN_SE, PROBE_WARM_START_STRENGTH, PROMPT_SEARCH_EXAMPLES,
+from zoedge.constants import (HEAD_START_MIN_GAIN_SE, PROBE_WARM_START_STRENGTH, PROMPT_SEARCH_EXAMPLES,
                               PROMPT_SEARCH_MIN_EXAMPLES)
 from zoedge.manifest import OUTPUT_FEATURES, Manifest
 from zoedge.runtime.evaluator import Dataset, Evaluator, fmt, paired_gain
@@ -49,11 +49,11 @@ def head_start(m: Manifest, bundle, evaluator: Evaluator, data: Dataset, tensors
         z = gain / se if se else (float("inf") if gain > 0 else 0.0)
         log(f"linear-probe head against the exported head on the eval data: {gain:+.4f} per example "
             f"({z:+.1f} paired SE)")
-        if not gain > MIN_GAIN_SE * se:
+        if not gain > HEAD_START_MIN_GAIN_SE * se:
             for k, v in exported.items():
                 np.copyto(tensors[k], v)
             bundle.encoder.template = given_template
-            log(f"the gain is not above {MIN_GAIN_SE:g} paired SE: keeping the exported head")
+            log(f"the gain is not above {HEAD_START_MIN_GAIN_SE:g} paired SE: keeping the exported head")
             return HeadStart(prompt_search=searched)
     return hs
 
