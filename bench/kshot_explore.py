@@ -3,6 +3,7 @@
   python -m bench.kshot_explore probe BUNDLE SPLIT_DIR          # plain and centred probes over an L2 grid
   python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--no-floor] [--set lr=1e-3 --set steps=2000 ...]
   python -m bench.kshot_explore gate BUNDLE SPLIT_DIR [SPLIT_DIR ...]  # the trainer's head start and its keep/drop call
+  python -m bench.kshot_explore kept BUNDLE PATCH VAL_TSV      # a patch's paired gain over the exported tensors on val
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -93,6 +94,26 @@ def _gate(bundle_dir: str, splits: list[Path]) -> None:
                           "kept": bool(hs.tensors), "log": said}))
 
 
+def _kept(bundle_dir: str, patch: Path, val_path: Path) -> None:
+    """What `--min-gain-se` reads, for a patch written before patches recorded it (kept_gain): the per-example gain
+    of the patch over the exported tensors on the validation file, and its paired SE."""
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluator import Evaluator, load_dataset, paired_gain
+    from zoedge.runtime.forward import open_forward
+    from zoedge.runtime.patch import load_patch, load_patch_tensors
+
+    b = Bundle.open(bundle_dir)
+    doc = load_patch(patch, b.manifest)[0]
+    b.encoder.template = doc.prompt_template or b.encoder.template
+    t = b.initial_trainables()
+    ev, val = Evaluator(b, open_forward(b, t), 16), load_dataset(val_path, b.manifest)
+    before = ev.measure(val)[1]
+    for k, v in load_patch_tensors(patch, b.manifest).items():
+        t[k][...] = v
+    gain, se = paired_gain(before, ev.measure(val)[1], val.labels)
+    print(json.dumps({"patch": str(patch), "step": doc.steps, "gain": gain, "se": se, "z": gain / se}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kshot_explore", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -109,8 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("gate")
     g.add_argument("bundle")
     g.add_argument("splits", type=Path, nargs="+")
+    k = sub.add_parser("kept")
+    k.add_argument("bundle")
+    k.add_argument("patch", type=Path)
+    k.add_argument("val", type=Path)
     a = ap.parse_args(argv)
-    if a.cmd == "probe":
+    if a.cmd == "kept":
+        _kept(a.bundle, a.patch, a.val)
+    elif a.cmd == "probe":
         _probe(a.bundle, a.split)
     elif a.cmd == "gate":
         _gate(a.bundle, a.splits)
