@@ -4,6 +4,7 @@
   python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--no-floor] [--set lr=1e-3 --set steps=2000 ...]
   python -m bench.kshot_explore gate BUNDLE SPLIT_DIR [SPLIT_DIR ...]  # the trainer's head start and its keep/drop call
   python -m bench.kshot_explore kept BUNDLE PATCH VAL_TSV      # a patch's paired gain over the exported tensors on val
+  python -m bench.kshot_explore mix BUNDLE PATCH TEST_TSV      # predicted class counts: exported tensors vs the patch
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -98,20 +99,36 @@ def _kept(bundle_dir: str, patch: Path, val_path: Path) -> None:
     """What `--min-gain-se` reads, for a patch written before patches recorded it (kept_gain): the per-example gain
     of the patch over the exported tensors on the validation file, and its paired SE."""
     from zoedge.runtime.bundle import Bundle
-    from zoedge.runtime.evaluator import Evaluator, load_dataset, paired_gain
+    from zoedge.runtime.evaluator import Evaluator, load_dataset, paired_gain_of
     from zoedge.runtime.forward import open_forward
-    from zoedge.runtime.patch import load_patch, load_patch_tensors
+    from zoedge.runtime.patch import load_patch
 
     b = Bundle.open(bundle_dir)
-    doc = load_patch(patch, b.manifest)[0]
+    doc, patched = load_patch(patch, b.manifest)
     b.encoder.template = doc.prompt_template or b.encoder.template
     t = b.initial_trainables()
     ev, val = Evaluator(b, open_forward(b, t), 16), load_dataset(val_path, b.manifest)
-    before = ev.measure(val)[1]
-    for k, v in load_patch_tensors(patch, b.manifest).items():
-        t[k][...] = v
-    gain, se = paired_gain(before, ev.measure(val)[1], val.labels)
-    print(json.dumps({"patch": str(patch), "step": doc.steps, "gain": gain, "se": se, "z": gain / se}))
+    gain, se = paired_gain_of(ev, t, b.initial_trainables(), patched, val)
+    print(json.dumps({"patch": str(patch), "step": doc.steps, "gain": gain, "se": se, "z": gain / se if se else None}))
+
+
+def _mix(bundle_dir: str, patch: Path, data_path: Path) -> None:
+    import numpy as np
+
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluate import predict
+    from zoedge.runtime.evaluator import load_dataset
+    from zoedge.runtime.patch import load_patch
+
+    b = Bundle.open(bundle_dir)
+    data, (doc, patched) = load_dataset(data_path, b.manifest), load_patch(patch, b.manifest)
+    exported = predict(b, b.initial_trainables(), data.texts).argmax(1)
+    b.encoder.template = doc.prompt_template or b.encoder.template
+    after = predict(b, {**b.initial_trainables(), **patched}, data.texts).argmax(1)
+    count = lambda y: np.bincount(y, minlength=len(b.manifest.labels)).tolist()  # noqa: E731
+    print(json.dumps({"labels": b.manifest.labels, "true": count(data.labels), "exported": count(exported),
+                      "patch": count(after), "exported_accuracy": float((exported == data.labels).mean()),
+                      "patch_accuracy": float((after == data.labels).mean())}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("bundle")
     k.add_argument("patch", type=Path)
     k.add_argument("val", type=Path)
+    x = sub.add_parser("mix")
+    x.add_argument("bundle")
+    x.add_argument("patch", type=Path)
+    x.add_argument("data", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "kept":
         _kept(a.bundle, a.patch, a.val)
+    elif a.cmd == "mix":
+        _mix(a.bundle, a.patch, a.data)
     elif a.cmd == "probe":
         _probe(a.bundle, a.split)
     elif a.cmd == "gate":

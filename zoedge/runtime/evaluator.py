@@ -87,5 +87,20 @@ def paired_gain(before: np.ndarray, after: np.ndarray, labels: np.ndarray, by: s
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("inf")
 
 
+def paired_gain_of(evaluator: Evaluator, live: dict[str, np.ndarray], before: dict[str, np.ndarray],
+                   after: dict[str, np.ndarray], data: Dataset, by: str = "loss") -> tuple[float, float]:
+    """paired_gain of the tensor values `after` over `before` on data: each set is copied in turn into `live` (the
+    arrays bound to the evaluator's engine), whose own values are restored afterwards."""
+    saved = {k: v.copy() for k, v in live.items()}
+    logits = []
+    for values in (before, after):
+        for k, v in values.items():
+            np.copyto(live[k], v)
+        logits.append(evaluator.measure(data)[1])
+    for k, v in saved.items():
+        np.copyto(live[k], v)
+    return paired_gain(logits[0], logits[1], data.labels, by)
+
+
 def fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -9,12 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, trajectory_key
-from zoedge.runtime.evaluator import paired_gain
+from zoedge.runtime.evaluator import paired_gain_of
 from zoedge.runtime.memory import peak_rss_mb
 from zoedge.runtime import seedpool
 from zoedge.runtime.patch import read_patch, write_patch
@@ -31,16 +29,8 @@ def gate_kept_step(run: Run, log: Callable[[str], None]) -> None:
     if not (m.kind == "decoder" and m.task == "classify" and cfg.keep == "best" and eval_set is not None
             and state.best_step > 0):
         return
-    live = {k: v.copy() for k, v in run.tensors.items()}
     origin = {**run.bundle.initial_trainables(), **state.start}
-    logits = []
-    for tensors in (origin, state.best):
-        for k, v in tensors.items():
-            np.copyto(run.tensors[k], v)
-        logits.append(run.evaluator.measure(eval_set)[1])
-    for k, v in live.items():
-        np.copyto(run.tensors[k], v)
-    gain, se = paired_gain(logits[0], logits[1], eval_set.labels, cfg.select)
+    gain, se = paired_gain_of(run.evaluator, run.tensors, origin, state.best, eval_set, cfg.select)
     kept = bool(gain > cfg.min_gain_se * se)
     state.kept_gain = {"step": state.best_step, "gain": gain, "se": se, "kept": kept}
     log(f"step {state.best_step} against step 0 on the eval data: {gain:+.4f} per example "
