@@ -9,8 +9,9 @@ split paths, model, contender settings.
 - lp: a plain linear probe (zoedge.runtime.head_start.fit_probe_head with centred=False, numpy: logistic
   regression shrunk towards zero) on the k-shot training split, its L2 chosen by cross-entropy on the validation
   split, through the exported prompt (no prompt search).
-- zoedge: `zoedge train BUNDLE --data train.tsv --eval val.tsv --out P` (the default recipe; keep-best selects
-  on the k-shot validation split only), then `zoedge eval BUNDLE --patch P --data test.tsv`.
+- zoedge: `zoedge train BUNDLE --data train.tsv --eval val.tsv --unlabelled unlabelled.tsv --out P` (the default
+  recipe; keep-best selects on the k-shot validation split only; the unlabelled pool texts move the head's bias to
+  their estimated label prior at the end), then `zoedge eval BUNDLE --patch P --data test.tsv`.
 - backprop: PyTorch LoRA (the bundle's r, alpha, targets) + head through peft, AdamW (weight decay 0), linear
   schedule, from the exported tensors; validation every `eval_every` steps, the best on validation is tested.
 """
@@ -89,7 +90,7 @@ def zoedge_default(spec: dict) -> dict:
 
     t0 = clock["prev"] = time.perf_counter()  # step 1's time includes the start (bundle, head start)
     res = train(spec["bundle"], spec["splits"]["train"], out, cfg, eval_path=spec["splits"]["val"],
-                on_step=on_step, log=lambda _m: None)
+                on_step=on_step, log=lambda _m: None, unlabelled=spec["splits"].get("unlabelled"))
     train_s = time.perf_counter() - t0
     train_rss = res["peak_rss_mb"]  # before the test evaluation opens the bundle a second time
     test = evaluate(spec["bundle"], spec["splits"]["test"], patch=out, batch=EVAL_BATCH)
@@ -101,7 +102,7 @@ def zoedge_default(spec: dict) -> dict:
             "detail": {"val_accuracy_start": res["eval_accuracy_start"],
                        "val_accuracy_head_start": res["eval_accuracy_head_start"], "best_step": res["steps"],
                        "steps_run": res["steps_run"], "rollbacks": res["rollbacks"], "kept_gain": res.get("kept_gain"),
-                       "curve": curve,
+                       "label_prior": res.get("label_prior"), "curve": curve,
                        "history": hist, "prompt": res.get("prompt_template")},
             "settings": {"recipe": "zoedge train defaults" if not spec.get("train_overrides") else "overridden",
                          "overrides": spec.get("train_overrides", {}), "hyperparameters": _hyper(out)}}

@@ -108,9 +108,10 @@ def bundle_identity(bundle_dir: str | Path) -> dict:
 
 
 def split_files(work: Path, task: datasets.Task, k: int, seed: int) -> dict[str, str]:
-    """The k-shot split as TSV files (written when missing; they are a pure function of task, k, seed)."""
+    """The k-shot split as TSV files (written when missing; they are a pure function of task, k, seed), with the
+    unlabelled pool texts the zoedge contender reads through --unlabelled."""
     d = work / "splits" / f"{task.name}-k{k}-s{seed}"
-    names = ("train", "val", "test")
+    names = ("train", "val", "test", "unlabelled")
     if not all((d / f"{n}.tsv").is_file() for n in names):
         datasets.write_split(d, datasets.kshot(task, k, seed))
     return {n: str(d / f"{n}.tsv") for n in names}

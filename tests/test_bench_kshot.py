@@ -112,10 +112,11 @@ def test_every_contender_writes_a_cell_and_the_table_assembles(tmp_path, tiny_be
         assert d["ok"] and d["cell"]["seed"] == 13 and d["cell"]["task"] == "sst2", contender
         assert 0 <= d["test_accuracy"] <= 1 and 0 <= d["val_accuracy"] <= 1, contender
         assert d["seconds"] > 0 and d["peak_rss_mb"] > 0 and d["forward_passes"] >= 1, contender
-        assert d["n"] == {"train": 8, "val": 8, "test": 30}, contender
+        assert d["n"] == {"train": 8, "val": 8, "test": 30, "unlabelled": 104}, contender
         assert d["run"]["torch_imported"] is contender.startswith("backprop"), contender
     z = json.loads((results / "tiny-bert" / "sst2-k4-s13-zoedge.json").read_text())
     assert 0 < z["train_peak_rss_mb"] <= z["peak_rss_mb"]  # training's own peak, before the test evaluation
+    assert z["detail"]["label_prior"]["unlabelled"] == 104  # the pool texts outside the split, through --unlabelled
     again = _kshot(*run)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4, again.stdout
     p = _kshot("assemble", "--results", str(results), "--docs", str(tmp_path / "docs"))

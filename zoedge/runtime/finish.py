@@ -9,13 +9,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import Manifest
 from zoedge.runtime.config import TrainConfig, trajectory_key
 from zoedge.runtime.evaluator import paired_gain_of
+from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.memory import peak_rss_mb
 from zoedge.runtime import seedpool
 from zoedge.runtime.patch import read_patch, write_patch
+from zoedge.runtime.prior import adapt_prior
 from zoedge.runtime.setup import Run
 
 
@@ -40,8 +44,11 @@ def gate_kept_step(run: Run, log: Callable[[str], None]) -> None:
         state.best, state.best_step = origin, 0
 
 
-def write_result(run: Run, t0: float) -> dict:
-    """Write the patch of the finished run to run.out; returns the summary (t0: when train started)."""
+def write_result(run: Run, t0: float, unlabelled: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """Write the patch of the finished run to run.out; returns the summary (t0: when train started). With
+    `unlabelled` texts, the head's bias first moves to their estimated label prior (runtime/prior.py), on copies:
+    the checkpoint keeps the tensors as trained, so a resume redoes the same shift once."""
     m, cfg, state, eval_set = run.m, run.cfg, run.state, run.eval_set
     use_best = cfg.keep == "best" and eval_set is not None
     final_step = state.best_step if use_best else state.step
@@ -49,6 +56,10 @@ def write_result(run: Run, t0: float) -> dict:
     final_metrics = next((h for h in state.history if h["step"] == final_step), None) if use_best else None
     if eval_set is not None and final_metrics is None:
         final_metrics = {f"eval_{k}": v for k, v in run.evaluator(eval_set).items()}
+    label_prior = None
+    if unlabelled is not None:
+        final = {k: v.copy() for k, v in final.items()}
+        label_prior = _adapt_prior(run, final, unlabelled, log)
     seconds = time.perf_counter() - t0
     metrics = {
         "eval_accuracy_start": (state.start_metrics or {}).get("accuracy"),
@@ -62,7 +73,7 @@ def write_result(run: Run, t0: float) -> dict:
         "steps": int(final_step), "steps_run": int(state.step), "run_seed": cfg.seed, "zo": run.zo_cfg.to_dict(),
         "examples": len(run.train_set.texts), "metrics": metrics, "seconds": seconds,
         "hyperparameters": {**asdict(cfg), "batch_size": state.batch}, "rollbacks": state.rollbacks,
-        "forward_passes": run.fwd.calls, "optimizer_state_bytes": run.opt.nbytes(),
+        "forward_passes": run.fwd.calls, "optimizer_state_bytes": run.opt.nbytes(), "label_prior": label_prior,
     }
     if m.kind == "decoder" and m.task == "classify":
         meta["prompt_template"] = run.bundle.encoder.template  # the patch is read through this prompt
@@ -82,6 +93,14 @@ def write_result(run: Run, t0: float) -> dict:
         meta.update(seed_pool_id=pool.id, seed_pool_k=pool.k)
     write_patch(run.out, m, final, state.trajectory[:final_step], start, meta, coefficients)
     return _summary(run.out, meta, metrics, seconds, run.fwd.calls)
+
+
+def _adapt_prior(run: Run, final: dict, unlabelled: str | Path, log: Callable[[str], None]) -> dict | None:
+    weight, bias = head_names(run.m)
+    if np.array_equal(final[weight], run.bundle.initial_trainables()[weight]):
+        log("--unlabelled: the patch keeps the exported head, which no training set's prior shaped: no shift")
+        return None
+    return adapt_prior(run.evaluator, run.tensors, final, bias, run.train_set.labels, unlabelled, run.eval_set, log)
 
 
 def finished(out: Path, m: Manifest, cfg: TrainConfig, log: Callable[[str], None]) -> dict:
@@ -109,4 +128,6 @@ def _summary(out: Path, meta: dict, metrics: dict, seconds: float, forward_passe
     }
     if "prompt_template" in meta:
         result["prompt_template"] = meta["prompt_template"]
+    if meta.get("label_prior") is not None:
+        result["label_prior"] = meta["label_prior"]
     return result

@@ -22,6 +22,7 @@ from zoedge.runtime.finish import finished, gate_kept_step, write_result
 from zoedge.runtime.guard import after_failure, loss_problem, passed, tensor_problem
 from zoedge.runtime.head_grad import ce_head_step
 from zoedge.runtime.memory import peak_rss_mb
+from zoedge.runtime.prior import check_unlabelled
 from zoedge.runtime.setup import Run, open_out, open_run
 from zoedge.runtime.state import RunState
 from zoedge.runtime.zo import clip_grads, update
@@ -60,13 +61,16 @@ def evaluate_step(run: Run, step: int, record: dict) -> bool:
 
 
 def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainConfig, eval_path: str | Path | None = None,
-          resume: bool = False, on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = print) -> dict:
+          resume: bool = False, on_step: Callable[[dict], None] | None = None, log: Callable[[str], None] = print,
+          unlabelled: str | Path | None = None) -> dict:
     """Train and write the patch to `out`. resume=True continues the checkpoint in `out` if there is one, and
-    otherwise starts fresh (so one fixed command line survives a kill at any moment)."""
+    otherwise starts fresh (so one fixed command line survives a kill at any moment). unlabelled: the device's
+    unlabelled texts, whose estimated label prior the head's bias takes at the end (runtime/prior.py)."""
     t0 = time.perf_counter()
     bundle, cfg, out, mode = open_out(bundle_dir, out, cfg, resume, log)
     if mode == "finished":
         return finished(out, bundle.manifest, cfg, log)
+    check_unlabelled(bundle.manifest, cfg.head_lr, unlabelled)
     run = open_run(bundle, cfg, out, mode, data, eval_path, log)
     state, tensors, head, train_set = run.state, run.tensors, run.head, run.train_set
 
@@ -115,6 +119,6 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
     gate_kept_step(run, log)
     if cfg.checkpoint_every:
         state.save(out)  # a kill while the patch is written resumes here, not from an older checkpoint
-    result = write_result(run, t0)
+    result = write_result(run, t0, unlabelled, log)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
     return result
