@@ -5,6 +5,7 @@
   python -m bench.kshot_explore gate BUNDLE SPLIT_DIR [SPLIT_DIR ...]  # the trainer's head start and its keep/drop call
   python -m bench.kshot_explore kept BUNDLE PATCH VAL_TSV      # a patch's paired gain over the exported tensors on val
   python -m bench.kshot_explore mix BUNDLE PATCH TEST_TSV      # predicted class counts: exported tensors vs the patch
+  python -m bench.kshot_explore prior BUNDLE PATCH|lp SPLIT_DIR   # --unlabelled's bias shift on a patch (or on LP)
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -131,6 +132,47 @@ def _mix(bundle_dir: str, patch: Path, data_path: Path) -> None:
                       "patch_accuracy": float((after == data.labels).mean())}))
 
 
+def _prior(bundle_dir: str, patch: Path, split: Path) -> None:
+    """What `zoedge train --unlabelled SPLIT_DIR/unlabelled.tsv` would have added to a patch written without it
+    (runtime/prior.py on the patch's tensors), and the test accuracy and predicted class counts before and after.
+    PATCH "lp": the LP contender's head instead (bench/kshot_cells.py: a plain probe on train, L2 by val CE)."""
+    import numpy as np
+
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.evaluator import Evaluator, load_dataset
+    from zoedge.runtime.forward import open_forward
+    from zoedge.runtime.head_grad import head_names
+    from zoedge.runtime.head_start import fit_probe_head
+    from zoedge.runtime.patch import load_patch
+    from zoedge.runtime.prior import adapt_prior
+
+    b = Bundle.open(bundle_dir)
+    m = b.manifest
+    train, val, test = (load_dataset(split / f"{n}.tsv", m) for n in ("train", "val", "test"))
+    if str(patch) == "lp":
+        live = b.initial_trainables()
+        ev = Evaluator(b, open_forward(b, live), 16)
+        fit_probe_head(m, b, ev, train, live, len(train.texts), 0, [], lambda _m: None, eval_set=val, centred=False)
+        patched = {t.name: live[t.name] for t in m.trainables if t.role == "head"}
+    else:
+        doc, patched = load_patch(patch, m)
+        b.encoder.template = doc.prompt_template or b.encoder.template
+        live = {**b.initial_trainables(), **{k: v.copy() for k, v in patched.items()}}
+        ev = Evaluator(b, open_forward(b, live), 16)
+    count = lambda logits: np.bincount(logits.argmax(1), minlength=len(m.labels)).tolist()  # noqa: E731
+    before, before_logits = ev.measure(test)
+    final = {k: v.copy() for k, v in live.items()}
+    record = adapt_prior(ev, live, final, head_names(m)[1], train.labels, split / "unlabelled.tsv", val, print)
+    after, after_logits = ev.measure(test)
+    print(json.dumps({"patch": str(patch), "labels": m.labels,
+                      "true": np.bincount(test.labels, minlength=len(m.labels)).tolist(),
+                      "test_accuracy": before["accuracy"], "test_accuracy_shifted": after["accuracy"],
+                      "predicted": count(before_logits), "predicted_shifted": count(after_logits),
+                      "head_is_exported": bool(np.array_equal(patched[head_names(m)[0]],
+                                                              b.initial_trainables()[head_names(m)[0]])),
+                      "label_prior": record}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kshot_explore", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -155,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("bundle")
     x.add_argument("patch", type=Path)
     x.add_argument("data", type=Path)
+    r = sub.add_parser("prior")
+    r.add_argument("bundle")
+    r.add_argument("patch", type=Path, help="a patch directory, or lp")
+    r.add_argument("split", type=Path)
     a = ap.parse_args(argv)
     if a.cmd == "kept":
         _kept(a.bundle, a.patch, a.val)
+    elif a.cmd == "prior":
+        _prior(a.bundle, a.patch, a.split)
     elif a.cmd == "mix":
         _mix(a.bundle, a.patch, a.data)
     elif a.cmd == "probe":

@@ -126,6 +126,14 @@ def test_kshot_explore_probe_and_train_on_a_toy_split(tmp_path, tiny_bert_bundle
     r = json.loads(p.stdout.splitlines()[-1])
     assert r["l2"] == 30 and r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
     assert [h["step"] for h in r["history"]][-1] == 3
+    lines = write_sentiment(tmp_path / "pool.tsv", 40, seed=3).read_text().splitlines()
+    (split / "unlabelled.tsv").write_text("sentence\n" + "\n".join(x.split("\t")[0] for x in lines[1:]) + "\n")
+    for head in (tmp_path / "p", "lp"):  # the bias shift --unlabelled would add, on a patch and on the LP head
+        p = _python_m("bench.kshot_explore", "prior", tiny_bert_bundle, head, split)
+        assert p.returncode == 0, p.stderr[-2000:]
+        r = json.loads(p.stdout.splitlines()[-1])
+        assert r["label_prior"]["unlabelled"] == 40 and sum(r["predicted_shifted"]) == sum(r["true"]) == 24
+        assert 0.0 <= r["test_accuracy_shifted"] <= 1.0
 
 
 def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_bundle):
