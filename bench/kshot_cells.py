@@ -121,23 +121,24 @@ def _hyper(patch: Path) -> dict:
 # ---- backprop --------------------------------------------------------------------------------------------------
 
 
-def _torch_scores(module, bundle, data) -> tuple[float, float]:
-    """(accuracy, cross-entropy) of the torch module on a dataset, eval mode, batch 16."""
+def _torch_scores(module, bundle, data) -> tuple[float, float, float]:
+    """(accuracy, cross-entropy, macro-F1) of the torch module on a dataset, eval mode, batch 16."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
+    from zoedge.runtime.objectives import macro_f1
+
     module.eval()
-    right, loss = 0, 0.0
+    parts = []
     with torch.inference_mode():
         for i in range(0, len(data.texts), EVAL_BATCH):
-            idx = np.arange(i, min(i + EVAL_BATCH, len(data.texts)))
-            ids, mask = data.batch(bundle.encoder, idx)
-            logits = module(torch.from_numpy(ids), torch.from_numpy(mask))[0]
-            y = torch.from_numpy(data.labels[idx])
-            right += int((logits.argmax(-1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-    return right / len(data.texts), loss / len(data.texts)
+            ids, mask = data.batch(bundle.encoder, np.arange(i, min(i + EVAL_BATCH, len(data.texts))))
+            parts.append(module(torch.from_numpy(ids), torch.from_numpy(mask))[0])
+    logits = torch.cat(parts)
+    loss = float(F.cross_entropy(logits, torch.from_numpy(data.labels)))
+    acc = float((logits.argmax(-1).numpy() == data.labels).mean())
+    return acc, loss, macro_f1(logits.numpy(), data.labels)
 
 
 def backprop(spec: dict) -> dict:
@@ -171,7 +172,7 @@ def backprop(spec: dict) -> dict:
         sched.step()
         train_s += time.perf_counter() - t
         if step % bp["eval_every"] == 0 or step == steps:
-            acc, ce = _torch_scores(module, bundle, val)
+            acc, ce, _ = _torch_scores(module, bundle, val)
             curve.append({"step": step, "train_seconds": round(train_s, 3), "val_accuracy": acc, "val_loss": ce,
                           "train_loss": float(loss)})
             if best is None or acc > best["val_accuracy"]:
@@ -180,10 +181,10 @@ def backprop(spec: dict) -> dict:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(best["tensors"][k])
-    test_acc, test_loss = _torch_scores(module, bundle, test)
+    test_acc, test_loss, test_f1 = _torch_scores(module, bundle, test)
     evals = len(curve) * -(-len(val.texts) // EVAL_BATCH) + -(-len(test.texts) // EVAL_BATCH)
     return {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "test_accuracy": test_acc,
-            "test_loss": test_loss, "forward_passes": steps + evals, "train_forward_passes": steps,
+            "test_loss": test_loss, "test_f1": test_f1, "forward_passes": steps + evals, "train_forward_passes": steps,
             "backward_passes": steps, "train_seconds": round(train_s, 2),
             "detail": {"best_step": best["step"], "curve": curve},
             "settings": {"lr": bp["lr"], "batch": bp["batch"], "steps": steps, "eval_every": bp["eval_every"],

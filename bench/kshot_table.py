@@ -44,6 +44,7 @@ def summarise(cells: list[dict]) -> list[dict]:
                 "val_accuracy": _stats([d["val_accuracy"] for d in ds]), "seconds": _stats([d["seconds"] for d in ds]),
                 "peak_rss_mb": _stats([d["peak_rss_mb"] for d in ds]),
                 "forward_passes": _stats([d["forward_passes"] for d in ds]),
+                "test_f1": _stats(f1s) if (f1s := [d["test_f1"] for d in ds if d.get("test_f1") is not None]) else None,
                 "per_seed": [{"seed": d["cell"]["seed"], "test_accuracy": d["test_accuracy"],
                               "val_accuracy": d["val_accuracy"], "seconds": d["seconds"],
                               "peak_rss_mb": d["peak_rss_mb"]} for d in ds]}
@@ -86,6 +87,15 @@ def _acc(c: dict | None) -> str:
     return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "") + f" ({s['n']})"
 
 
+def _f1(c: dict | None) -> str:
+    if not c:
+        return "—"
+    s = c.get("test_f1")
+    if not s:
+        return "not recorded"
+    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "") + f" ({s['n']})"
+
+
 def markdown(rows: list[dict]) -> str:
     out = ["Test accuracy, % (mean ± std over the seeds run, their number in brackets):", "",
            "| model | task | k | zero-shot | LP | zoedge | backprop (lr, batch) | gap closed |",
@@ -98,6 +108,13 @@ def markdown(rows: list[dict]) -> str:
         g = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else (r.get("gap_note") or "—")
         out.append(f"| {r['model']} | {r['task']} | {r['k']} | {_acc(c.get('zero-shot'))} | {_acc(c.get('lp'))} | "
                    f"{_acc(c.get('zoedge'))} | {bp} | {g} |")
+    out += ["", "Test macro-F1, % (the class-balanced view of the same predictions: on an imbalanced test set such as "
+            "Drugs.com's, a model that predicts the majority class more often gains accuracy and loses F1):", "",
+            "| model | task | k | zero-shot | LP | zoedge | backprop |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["contenders"]
+        out.append(f"| {r['model']} | {r['task']} | {r['k']} | {_f1(c.get('zero-shot'))} | {_f1(c.get('lp'))} | "
+                   f"{_f1(c.get('zoedge'))} | {_f1(c.get('backprop'))} |")
     out += ["", "Cost per run (mean over seeds): wall-clock seconds of the cell's process work (model load, training, "
             "evaluation) / peak RSS MB / forward passes (batches, evaluation included):", "",
             "| model | task | k | zero-shot | LP | zoedge | backprop | backprop grid (all points, seed 13) |",

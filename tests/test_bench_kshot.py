@@ -113,6 +113,7 @@ def test_every_contender_writes_a_cell_and_the_table_assembles(tmp_path, tiny_be
         assert 0 <= d["test_accuracy"] <= 1 and 0 <= d["val_accuracy"] <= 1, contender
         assert d["seconds"] > 0 and d["peak_rss_mb"] > 0 and d["forward_passes"] >= 1, contender
         assert d["n"] == {"train": 8, "val": 8, "test": 30, "unlabelled": 104}, contender
+        assert 0 <= d["test_f1"] <= 1, contender  # macro-F1 beside accuracy, backprop included
         assert d["run"]["torch_imported"] is contender.startswith("backprop"), contender
     z = json.loads((results / "tiny-bert" / "sst2-k4-s13-zoedge.json").read_text())
     assert 0 < z["train_peak_rss_mb"] <= z["peak_rss_mb"]  # training's own peak, before the test evaluation
@@ -125,6 +126,8 @@ def test_every_contender_writes_a_cell_and_the_table_assembles(tmp_path, tiny_be
     assert set(row["contenders"]) == {"zero-shot", "lp", "zoedge", "backprop"}
     assert row["contenders"]["backprop"]["chosen"] == {"lr": 1e-3, "batch": 2}
     assert "| tiny-bert | sst2 | 4 |" in p.stdout
+    assert all(row["contenders"][n]["test_f1"]["n"] == 1 for n in row["contenders"])
+    assert "Test macro-F1, %" in p.stdout and "not recorded" not in p.stdout
     doc = (tmp_path / "docs" / "learning.md").read_text()
     assert doc.startswith("# Few-shot learning benchmark (issue 12)") and "| tiny-bert | sst2 | 4 |" in doc
     assert (tmp_path / "docs" / "kshot_tiny-bert.png").stat().st_size > 1000
