@@ -10,12 +10,13 @@ import pytest
 
 from conftest import run_cli
 from runtime_helpers import quiet, write_sentiment, write_toy_split
-from zoedge.constants import PRIOR_FLOOR
+from zoedge.constants import PRIOR_FLOOR, PRIOR_MIN_SE
 from zoedge.errors import ZoedgeError
+from zoedge.patchdoc import PatchDoc
 from zoedge.runtime.bundle import Bundle
 from zoedge.runtime.head_grad import head_names
 from zoedge.runtime.patch import load_patch_tensors, replay_patch
-from zoedge.runtime.prior import em_prior, training_prior
+from zoedge.runtime.prior import em_prior, informative, training_prior
 from zoedge.runtime.trainer import TrainConfig, train
 
 
@@ -104,3 +105,33 @@ def test_cli_unlabelled_bad_file_is_one_line_and_nonzero(tiny_llama_bundle, toy,
     r = run_cli("train", str(tiny_llama_bundle), "--data", str(toy[0]), "--out", str(tmp_path / "p"),
                 "--steps", "2", "--unlabelled", str(tmp_path / "nope.tsv"))
     assert r.returncode != 0 and "no such data file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_informative_counts_standard_errors_above_the_majority_rate():
+    labels = np.repeat([0, 1, 2], 16)  # a balanced k=16 eval set: majority rate 1/3, SE 0.068
+    z, p0 = informative(19 / 48, labels)  # MiniLM Drugs.com's kept model: 0.92 SE, EM not trusted
+    assert p0 == pytest.approx(1 / 3) and z == pytest.approx(0.919, abs=1e-3) and z < PRIOR_MIN_SE
+    z, _ = informative(28 / 48, labels)  # SmolLM2's: 3.67 SE
+    assert z == pytest.approx(3.674, abs=1e-3) and z > PRIOR_MIN_SE
+
+
+def test_a_model_no_better_than_a_constant_on_eval_keeps_its_bias(tiny_llama_bundle, toy, tmp_path):
+    """The eval labels flipped: the same model scores far below the majority rate there, so EM's estimate is not
+    trusted; the patch is the plain run's, and it records why (the PatchDoc validator accepts that form)."""
+    lines = toy[1].read_text().splitlines()
+    flipped = tmp_path / "flipped.tsv"
+    flipped.write_text("\n".join([lines[0]] + [f"{ln[:-1]}{1 - int(ln[-1])}" for ln in lines[1:]]) + "\n")
+    m = Bundle.open(tiny_llama_bundle).manifest
+    c = TrainConfig(steps=6, batch_size=8, eval_every=3, keep="last")
+    messages: list[str] = []
+    train(tiny_llama_bundle, toy[0], tmp_path / "plain", c, eval_path=flipped, log=quiet)
+    r = train(tiny_llama_bundle, toy[0], tmp_path / "p", c, eval_path=flipped, log=messages.append, unlabelled=toy[2])
+    assert r["label_prior"]["unlabelled"] == 100 and "too weak" in r["label_prior"]["skipped"]
+    assert any("label prior not adapted" in x for x in messages), messages
+    plain, kept = load_patch_tensors(tmp_path / "plain", m), load_patch_tensors(tmp_path / "p", m)
+    assert all(np.array_equal(plain[k], kept[k]) for k in plain)
+    assert PatchDoc.load(tmp_path / "p").label_prior == r["label_prior"]
+    doc = json.loads((tmp_path / "p" / "patch.json").read_text())
+    doc["label_prior"]["skipped"] = 3
+    with pytest.raises(ZoedgeError, match="must be a reason"):
+        PatchDoc.from_dict(doc)

@@ -29,7 +29,8 @@ def test_minilm_lr_10_ends_bounded_or_refused(tmp_path, sst2):
         assert "step size is too large" in p.stderr.strip().splitlines()[-1], p.stderr[-800:]
         return
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    assert r["rollbacks"] >= 1 and r["steps_run"] == 30
+    assert r["rollbacks"] >= 1  # all 30 steps, or stopped where the lr it took was cut below LR_CUT_FLOOR
+    assert r["steps_run"] == 30 or ("stopping at step" in p.stderr and r["steps_run"] < 30), p.stderr[-800:]
     assert max(float(np.abs(v).max()) for v in load_tensors(out / ADAPTER_FILE).values()) < TENSOR_ABS_LIMIT
     labels = [ln.rsplit("\t", 1)[1] for ln in dev.read_text().splitlines()[1:]]
     majority = max(labels.count(x) for x in set(labels)) / len(labels)

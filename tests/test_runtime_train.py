@@ -178,7 +178,8 @@ def test_sigkill_then_resume_is_bit_exact(tiny_bert_bundle, toy, tmp_path):
 
 def test_divergence_guard_rolls_back_and_recovers(tiny_bert_bundle, toy, tmp_path):
     messages = []
-    cfg = TrainConfig(steps=60, lr=50.0, eps=1e-2, head_init="none", checkpoint_every=10, keep="last", head_lr=0.0)
+    # lr 3: five rollbacks cut it to 1/128, above LR_CUT_FLOOR, so the run finishes (lr 50 now stops at step 4)
+    cfg = TrainConfig(steps=60, lr=3.0, eps=1e-2, head_init="none", checkpoint_every=10, keep="last", head_lr=0.0)
     r = train(tiny_bert_bundle, toy[0], tmp_path / "p", cfg, log=messages.append)
     assert r["rollbacks"] >= 1
     assert any("divergence guard" in m for m in messages)
@@ -186,7 +187,7 @@ def test_divergence_guard_rolls_back_and_recovers(tiny_bert_bundle, toy, tmp_pat
     t = load_tensors(tmp_path / "p" / ADAPTER_FILE)
     assert all(np.isfinite(v).all() for v in t.values())
     lrs = np.load(tmp_path / "p" / "trajectory.npy")[:, -1]
-    assert lrs.min() < 50.0  # the learning rate was lowered
+    assert lrs.min() < 3.0  # the learning rate was lowered
 
 
 def test_memory_planner(tiny_bert_bundle, toy, tmp_path):

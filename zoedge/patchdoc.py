@@ -97,7 +97,8 @@ class PatchDoc:
     prompt_template: str | None = None  # a decoder patch is read through this prompt (None: the bundle's)
     prompt_search: list[Any] | None = None  # the candidates the device scored
     # --unlabelled: the label prior estimated on the device's unlabelled texts and the shift it added to the head's
-    # bias (already in the tensors; a record, not an instruction): unlabelled, source, estimated, bias_shift, ...
+    # bias (already in the tensors; a record, not an instruction): unlabelled, source, estimated, bias_shift, ...;
+    # or unlabelled and skipped (why no shift was applied: the model was no better than a constant on --eval)
     label_prior: dict[str, Any] | None = None
     zoedge_version: str = ""
     where: InitVar[str] = PATCH_FILE  # for error messages only; not written
@@ -187,10 +188,12 @@ class PatchDoc:
         def per_label(v: Any) -> bool:
             return isinstance(v, list) and all(_number(x) for x in v) and (want is None or len(v) == want)
 
+        if isinstance(lp, dict) and _count(lp.get("unlabelled")) and "skipped" in lp:  # checked, not applied
+            return None if isinstance(lp["skipped"], str) else "'label_prior.skipped' must be a reason (a string)"
         if not (isinstance(lp, dict) and _count(lp.get("unlabelled"))
                 and all(per_label(lp.get(k)) for k in ("source", "estimated", "bias_shift"))):
             return ("'label_prior' must be an object with 'unlabelled' (a count) and 'source', 'estimated', "
-                    "'bias_shift' (one number per label)")
+                    "'bias_shift' (one number per label), or 'skipped' (the reason no shift was applied)")
         return None
 
     # ---- building --------------------------------------------------------------------------------

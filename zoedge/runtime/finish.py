@@ -59,7 +59,7 @@ def write_result(run: Run, t0: float, unlabelled: str | Path | None = None,
     label_prior = None
     if unlabelled is not None:
         final = {k: v.copy() for k, v in final.items()}
-        label_prior = _adapt_prior(run, final, unlabelled, log)
+        label_prior = _adapt_prior(run, final, unlabelled, log, (final_metrics or {}).get("eval_accuracy"))
     seconds = time.perf_counter() - t0
     metrics = {
         "eval_accuracy_start": (state.start_metrics or {}).get("accuracy"),
@@ -95,12 +95,14 @@ def write_result(run: Run, t0: float, unlabelled: str | Path | None = None,
     return _summary(run.out, meta, metrics, seconds, run.fwd.calls)
 
 
-def _adapt_prior(run: Run, final: dict, unlabelled: str | Path, log: Callable[[str], None]) -> dict | None:
+def _adapt_prior(run: Run, final: dict, unlabelled: str | Path, log: Callable[[str], None],
+                 eval_accuracy: float | None) -> dict | None:
     weight, bias = head_names(run.m)
     if np.array_equal(final[weight], run.bundle.initial_trainables()[weight]):
         log("--unlabelled: the patch keeps the exported head, which no training set's prior shaped: no shift")
         return None
-    return adapt_prior(run.evaluator, run.tensors, final, bias, run.train_set.labels, unlabelled, run.eval_set, log)
+    return adapt_prior(run.evaluator, run.tensors, final, bias, run.train_set.labels, unlabelled, run.eval_set, log,
+                       eval_accuracy)
 
 
 def finished(out: Path, m: Manifest, cfg: TrainConfig, log: Callable[[str], None]) -> dict:

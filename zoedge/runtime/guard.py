@@ -5,7 +5,8 @@ update; the tensors are checked right after every update. On either kind of fail
 snapshot (a state whose losses already passed, or that scored a new best) and retries with a smaller learning
 rate, cut harder the more often it fails in a row. It stops with a one-line error that names the cause:
 a state that fails before any update is corrupt; a run that keeps failing however small the steps get has a
-step size (lr / eps) too large for the bundle.
+step size (lr / eps) too large for the bundle. A run that recovers only at a tiny fraction of its lr stops there,
+keeping what it has (keep-best or last, as for patience): its further steps could not move the tensors.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import numpy as np
 
 from zoedge.constants import (
-    HARD_BATCH_RETRIES, LOSS_BLOWUP_FACTOR, MAX_FAILED_ROLLBACKS, TENSOR_ABS_LIMIT, TENSOR_GROWTH_LIMIT,
+    HARD_BATCH_RETRIES, LOSS_BLOWUP_FACTOR, LR_CUT_FLOOR, MAX_FAILED_ROLLBACKS, TENSOR_ABS_LIMIT, TENSOR_GROWTH_LIMIT,
 )
 from zoedge.errors import ZoedgeError
 from zoedge.runtime.state import RunState
@@ -85,7 +86,14 @@ def after_failure(state: RunState, snap: RunState, failed_step: int, problem: st
             f"lr x{state.lr_scale:.3g}")
 
 
-def passed(state: RunState) -> None:
-    """A step got through past the last failure: the next failure starts a new series."""
+def passed(state: RunState) -> str | None:
+    """A step got through past the last failure: the next failure starts a new series. If the lr it took is below
+    LR_CUT_FLOOR of the set one, the run is done; returns the line that says so."""
     if state.failed_rollbacks and state.step > state.fail_step:
         state.failed_rollbacks = 0
+        if state.lr_scale < LR_CUT_FLOOR:
+            state.done = True
+            return (f"divergence guard: past step {state.fail_step} only with the lr cut to x{state.lr_scale:.3g} "
+                    f"after {state.rollbacks} rollbacks; stopping at step {state.step}, as steps this small no "
+                    "longer move the tensors")
+    return None

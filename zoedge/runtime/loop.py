@@ -41,7 +41,6 @@ def record_step(state: RunState, step: int, losses: list[float], grads: list[flo
     state.step = step
     state.loss_ref = loss if state.loss_ref is None else 0.95 * state.loss_ref + 0.05 * loss
     state.loss_floor = state.loss_ref if state.loss_floor is None else min(state.loss_floor, state.loss_ref)
-    passed(state)
     return {"step": step, "loss": loss, "lr": lr, "projected_grad": float(np.mean(grads))}
 
 
@@ -105,6 +104,8 @@ def train(bundle_dir: str | Path, data: str | Path, out: str | Path, cfg: TrainC
             log(after_failure(state, snap, step, problem, lr))
             continue
         record = record_step(state, step, losses, grads, lr)
+        if stop := passed(state):
+            log(stop)
         if run.eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             if evaluate_step(run, step, record):
                 snap = state.snapshot()  # a rollback never goes back past the best: its trajectory stays valid

@@ -11,6 +11,10 @@ by π_t / π_s, renormalise, and set π_t to their mean, until it stops moving.
 The shift lands in the head's bias, so the patch is an ordinary one (any consumer reads it unchanged) and the
 trajectory still replays: only a head trained by its exact gradient (travelling whole in the patch's start
 tensors) can take it, which the decoder and LoRA recipes are.
+
+EM is only as good as the posteriors it reweights: with a labelled eval set, the shift is applied only when the
+kept model beats the eval set's majority-class rate by PRIOR_MIN_SE binomial standard errors (`informative`);
+otherwise the patch records why it was skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from zoedge.constants import PRIOR_EM_MAX_ITER, PRIOR_EM_TOL, PRIOR_FLOOR, UNLABELLED_LIMIT
+from zoedge.constants import PRIOR_EM_MAX_ITER, PRIOR_EM_TOL, PRIOR_FLOOR, PRIOR_MIN_SE, UNLABELLED_LIMIT
 from zoedge.errors import ZoedgeError
 from zoedge.manifest import OUTPUT_LOGITS, Manifest
 from zoedge.runtime.data import read_examples
@@ -66,6 +70,15 @@ def em_prior(logits: np.ndarray, source: np.ndarray, tol: float = PRIOR_EM_TOL,
     return PriorEstimate(source.astype(np.float64), target / target.sum(), it)
 
 
+def informative(accuracy: float, labels: np.ndarray) -> tuple[float, float]:
+    """(z, majority rate): how many binomial standard errors `accuracy` on these labels lies above the accuracy of
+    always predicting their most frequent class."""
+    n = len(labels)
+    p0 = float(np.bincount(labels).max()) / n
+    se = (p0 * (1.0 - p0) / n) ** 0.5
+    return ((accuracy - p0) / se if se > 0 else float("inf") if accuracy > p0 else float("-inf")), p0
+
+
 def check_unlabelled(m: Manifest, head_lr: float | None, path: str | Path | None) -> None:
     """Refuse --unlabelled where the shift cannot land in a replayable patch (before any training)."""
     if path is None:
@@ -83,11 +96,20 @@ def check_unlabelled(m: Manifest, head_lr: float | None, path: str | Path | None
 
 def adapt_prior(evaluator: Evaluator, tensors: dict[str, np.ndarray], final: dict[str, np.ndarray],
                 bias: str, train_labels: np.ndarray, path: str | Path, eval_set: Dataset | None,
-                log: Callable[[str], None]) -> dict:
+                log: Callable[[str], None], eval_accuracy: float | None = None) -> dict:
     """Estimate the unlabelled texts' label prior under the final tensors and add the shift to final[bias] (in
     place). `tensors` are the live ones the evaluator's forward reads: they are set to `final` for the
-    measurement and left there. Returns the record the patch keeps."""
+    measurement and left there. eval_accuracy: the final tensors' accuracy on eval_set, for the informativeness
+    check. Returns the record the patch keeps (with 'skipped' and no shift when the check fails)."""
     ex = read_examples(path, need_labels=False, limit=UNLABELLED_LIMIT)
+    if eval_accuracy is not None and eval_set is not None and eval_set.labels is not None:
+        z, p0 = informative(eval_accuracy, eval_set.labels)
+        if z < PRIOR_MIN_SE:
+            why = (f"eval accuracy {eval_accuracy:.3f} is {z:.1f} standard errors above the majority-class rate "
+                   f"{p0:.3f} of {len(eval_set.labels)} eval texts (needs {PRIOR_MIN_SE:g}): the model's posteriors "
+                   "are too weak for EM's estimate")
+            log(f"--unlabelled: label prior not adapted: {why}")
+            return {"unlabelled": len(ex.texts), "skipped": why}
     for k, v in final.items():
         np.copyto(tensors[k], v)
     (logits,) = evaluator.outputs(ex.texts, (OUTPUT_LOGITS,))
