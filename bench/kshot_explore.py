@@ -162,11 +162,14 @@ def _prior(bundle_dir: str, patch: Path, split: Path) -> None:
     count = lambda logits: np.bincount(logits.argmax(1), minlength=len(m.labels)).tolist()  # noqa: E731
     before, before_logits = ev.measure(test)
     final = {k: v.copy() for k, v in live.items()}
-    record = adapt_prior(ev, live, final, head_names(m)[1], train.labels, split / "unlabelled.tsv", val, print)
+    val_accuracy = ev.measure(val)[0]["accuracy"]  # the trainer's informativeness check reads the same
+    record = adapt_prior(ev, live, final, head_names(m)[1], train.labels, split / "unlabelled.tsv", val, print,
+                         val_accuracy)
     after, after_logits = ev.measure(test)
     print(json.dumps({"patch": str(patch), "labels": m.labels,
                       "true": np.bincount(test.labels, minlength=len(m.labels)).tolist(),
                       "test_accuracy": before["accuracy"], "test_accuracy_shifted": after["accuracy"],
+                      "test_f1": before["f1"], "test_f1_shifted": after["f1"], "val_accuracy": val_accuracy,
                       "predicted": count(before_logits), "predicted_shifted": count(after_logits),
                       "head_is_exported": bool(np.array_equal(patched[head_names(m)[0]],
                                                               b.initial_trainables()[head_names(m)[0]])),

@@ -133,7 +133,7 @@ def test_kshot_explore_probe_and_train_on_a_toy_split(tmp_path, tiny_bert_bundle
         assert p.returncode == 0, p.stderr[-2000:]
         r = json.loads(p.stdout.splitlines()[-1])
         assert r["label_prior"]["unlabelled"] == 40 and sum(r["predicted_shifted"]) == sum(r["true"]) == 24
-        assert 0.0 <= r["test_accuracy_shifted"] <= 1.0
+        assert 0.0 <= r["test_accuracy_shifted"] <= 1.0 and 0.0 <= r["test_f1_shifted"] <= 1.0
 
 
 def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_bundle):
