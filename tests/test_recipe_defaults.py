@@ -114,6 +114,10 @@ def test_a_decoder_plans_its_batch_from_its_token_budget(tiny_llama_bundle, enco
         [ln.split("\t")[0] for ln in train_f.read_text().splitlines()[1:]], None).rows(Bundle.open(tiny_llama_bundle).encoder))
     assert doc["hyperparameters"]["batch_size"] == max(1, 20 // int(np.percentile(width, 90))) < 8
     assert any("--step-tokens 20: batch size 8 ->" in line for line in messages)
+    b = doc["hyperparameters"]["batch_size"]  # the lr scaled with the batch: every step's lr is lr * b / 8
+    lrs = np.load(tmp_path / "p" / "trajectory.npy")[:, -1]
+    assert np.array_equal(lrs, np.full(3, np.float32(resolve(cfg, m).lr * b / 8)))
+    assert any(f"the lr scales with the batch: x{b / 8:.3g}" in line for line in messages)
     rebuilt = replay_patch(tmp_path / "p", tiny_llama_bundle)
     adapter = load_tensors(tmp_path / "p" / ADAPTER_FILE)
     assert all(np.array_equal(adapter[k], rebuilt[k]) for k in adapter)

@@ -46,7 +46,8 @@ class TrainConfig:
     seed: int = _f(0, "Run seed (perturbation directions and minibatches)")
     max_memory: str | None = _f(None, "Memory budget, e.g. 300MB: plans the batch size")
     step_tokens: int | None = _f(None, "Token budget of a step's forward: the batch shrinks to fit it at the training "
-                                       "rows' 90th-percentile length (0 = off; default: by bundle kind)")
+                                       "rows' 90th-percentile length, and the lr in proportion (0 = off; default: "
+                                       "by bundle kind)")
     lp_examples: int | None = _f(None, "Training examples for the linear-probe head start (default: by bundle kind)")
     roles: list[str] | None = _f(None, "Train only these trainable roles, e.g. lora_B,head (LoRA-FA)")
     head_lr: float | None = _f(None, "> 0: train the head by its exact gradient (numpy, from the features the graph "
@@ -94,7 +95,9 @@ def default_recipe(m: Manifest) -> dict[str, Any]:
     # fitted on 32 sentences it took seed 42 from 79.0% to 74.8% on test before any step, its validation CE lower.
     # A step's forward holds at most 640 tokens: 16 rows at the longest SST-2 k=16 training set's 90th-percentile
     # length (40 tokens, seed 100), the cost the recipe was measured at; Drugs.com reviews and BBC articles (128
-    # tokens, the cap) take 5 rows, where 16 cost 13.9 s a step (round 5).
+    # tokens, the cap) take 5 rows, where 16 cost 13.9 s a step (round 5). The lr shrinks with the batch (linear
+    # scaling, x5/16 there): at 3e-3 and batch 5 Drugs.com diverged at once (39 rollbacks, round 8); at 1e-3 it did
+    # not, and kept step 90 (round 9).
     # Every round-7 seed kept step 200 or 300 and then diverged (validation CE up, accuracy to 34-47%) without a
     # later best: patience 3 stops each at step 500-600 with the same kept tensors, about half the forward passes.
     exact = {"head_lr": 1e-4, "lr_exact_head": 3e-3} if lora else {}

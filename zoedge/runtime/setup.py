@@ -105,6 +105,10 @@ def open_run(bundle: Bundle, cfg: TrainConfig, out: Path, mode: str, data: str |
         if cfg.step_tokens:  # planned once from the training rows, like the memory plan below
             state.batch = plan_token_batch([len(r) for r in train_set.rows(bundle.encoder)], state.batch,
                                            cfg.step_tokens, log)
+            if state.batch < cfg.batch_size:  # the lr with it (linear scaling); kept by checkpoints and resume
+                state.lr_scale = state.batch / cfg.batch_size
+                log(f"--step-tokens {cfg.step_tokens}: the lr scales with the batch: x{state.lr_scale:.3g} "
+                    f"({cfg.lr:g} -> {cfg.lr * state.lr_scale:.3g})")
         if cfg.max_memory:  # planned once; a resumed run keeps the batch (it is part of the trajectory)
             state.batch = plan_training_batch(fwd, m, parse_size(cfg.max_memory) / 2**20, state.batch,
                                               moved_bytes, cfg.optimizer, log)
