@@ -80,17 +80,11 @@ def gap(by: dict) -> dict:
     return {**out, "gap_closed": (mean("zoedge") - base) / head, "gap_note": ""}
 
 
-def _acc(c: dict | None) -> str:
+def _pct(c: dict | None, metric: str = "test_accuracy") -> str:
+    """A contender's metric over its seeds as "mean ± std (n)" in %; "—" without the contender."""
     if not c:
         return "—"
-    s = c["test_accuracy"]
-    return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "") + f" ({s['n']})"
-
-
-def _f1(c: dict | None) -> str:
-    if not c:
-        return "—"
-    s = c.get("test_f1")
+    s = c.get(metric)
     if not s:
         return "not recorded"
     return f"{100 * s['mean']:.1f}" + (f" ± {100 * s['std']:.1f}" if s["std"] is not None else "") + f" ({s['n']})"
@@ -102,19 +96,19 @@ def markdown(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["contenders"]
-        bp = _acc(c.get("backprop"))
+        bp = _pct(c.get("backprop"))
         if "backprop" in c:
             bp += f" ({c['backprop']['chosen']['lr']:g}, {c['backprop']['chosen']['batch']})"
         g = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else (r.get("gap_note") or "—")
-        out.append(f"| {r['model']} | {r['task']} | {r['k']} | {_acc(c.get('zero-shot'))} | {_acc(c.get('lp'))} | "
-                   f"{_acc(c.get('zoedge'))} | {bp} | {g} |")
+        out.append(f"| {r['model']} | {r['task']} | {r['k']} | {_pct(c.get('zero-shot'))} | {_pct(c.get('lp'))} | "
+                   f"{_pct(c.get('zoedge'))} | {bp} | {g} |")
     out += ["", "Test macro-F1, % (the class-balanced view of the same predictions: on an imbalanced test set such as "
             "Drugs.com's, a model that predicts the majority class more often gains accuracy and loses F1):", "",
             "| model | task | k | zero-shot | LP | zoedge | backprop |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["contenders"]
-        out.append(f"| {r['model']} | {r['task']} | {r['k']} | {_f1(c.get('zero-shot'))} | {_f1(c.get('lp'))} | "
-                   f"{_f1(c.get('zoedge'))} | {_f1(c.get('backprop'))} |")
+        out.append(f"| {r['model']} | {r['task']} | {r['k']} | "
+                   + " | ".join(_pct(c.get(n), "test_f1") for n in CONTENDERS) + " |")
     out += ["", "Cost per run (mean over seeds): wall-clock seconds of the cell's process work (model load, training, "
             "evaluation) / peak RSS MB / forward passes (batches, evaluation included):", "",
             "| model | task | k | zero-shot | LP | zoedge | backprop | backprop grid (all points, seed 13) |",
