@@ -14,7 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from zoedge.constants import HEAP_TRIM_EVERY
 from zoedge.manifest import ATTENTION_MASK, INPUT_IDS
+from zoedge.runtime.memory import release_free_heap
 
 
 class BoundForward:
@@ -75,7 +77,10 @@ class BoundForward:
         self.session.run_with_iobinding(self.io)
         self.calls += 1
         self.examples += ids.shape[0]
-        return self.io.copy_outputs_to_cpu()
+        outs = self.io.copy_outputs_to_cpu()
+        if self.calls % HEAP_TRIM_EVERY == 0:  # fragmented free heap would otherwise pile up (constants.py)
+            release_free_heap()
+        return outs
 
 
 def open_forward(bundle, tensors: dict[str, np.ndarray]):

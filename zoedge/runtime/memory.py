@@ -1,10 +1,13 @@
-"""Memory and step cost: parse budgets, read RSS, plan a batch size that fits a memory or a token budget."""
+"""Memory and step cost: parse budgets, read RSS, return free heap to the OS, plan a batch size that fits a memory
+or a token budget."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import resource
+from functools import cache
 
 from zoedge.errors import ZoedgeError
 
@@ -37,6 +40,27 @@ def current_rss_mb() -> float:
     with open(f"/proc/{os.getpid()}/statm") as f:
         pages = int(f.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's where the C library is glibc
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the OS (glibc malloc_trim(0)): memory freed between forwards that the
+    allocator cannot reuse (fragmentation) otherwise stays in the RSS. False where there is no malloc_trim."""
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True
 
 
 def plan_batch(budget_mb: float, fixed_mb: float, per_example_mb: float, requested: int) -> int:
