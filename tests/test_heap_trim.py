@@ -1,7 +1,8 @@
 """Free heap goes back to the OS between forwards (runtime/memory.py release_free_heap, constants.HEAP_TRIM_EVERY).
 
-glibc keeps memory freed in the middle of its heap resident; onnxruntime's per-forward scratch allocations fragment
-it, and an inference pass over 507 BBC texts grew SmolLM2's RSS by 3.4 MB a forward with the memory in use flat."""
+glibc keeps memory freed in the middle of its heap resident; the forwards' per-call allocations can fragment it
+(which ones was not traced): an inference pass over 507 BBC texts after a training start grew SmolLM2's RSS by
+3.4 MB a forward with the memory in use flat."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_free_heap_in_the_middle_of_the_heap_leaves_the_rss():
     assert release_free_heap() is True  # CI and the devices run glibc Linux
     after = current_rss_mb()
     assert before - after > 20.0, (before, after)  # 37.5 MiB freed; half of it must leave the RSS at the least
-    assert len(blocks) == 400
+    assert len(blocks) == 400  # uses the list after the measurement: its live half stays allocated until here
 
 
 def test_the_forward_trims_the_heap_every_few_calls(tiny_bert_bundle, monkeypatch):
