@@ -2,6 +2,7 @@
 
   python -m bench.kshot_explore probe BUNDLE SPLIT_DIR          # plain and centred probes over an L2 grid
   python -m bench.kshot_explore train BUNDLE SPLIT_DIR OUT [--l2 30] [--no-floor] [--set lr=1e-3 --set steps=2000 ...]
+                                                        [--mask MASKS.safetensors]  # ZO moves only the mask's entries
   python -m bench.kshot_explore gate BUNDLE SPLIT_DIR [SPLIT_DIR ...]  # the trainer's head start and its keep/drop call
   python -m bench.kshot_explore kept BUNDLE PATCH VAL_TSV      # a patch's paired gain over the exported tensors on val
   python -m bench.kshot_explore mix BUNDLE PATCH TEST_TSV      # predicted class counts: exported tensors vs the patch
@@ -10,6 +11,8 @@
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
 and TrainConfig fields set by --set, selects on val.tsv as usual, and reports test.tsv accuracy once, at the end.
+With --mask (bench/zo_mask.py writes one) every ZO direction is multiplied by the mask's 0/1 tensors, so only the
+kept entries are perturbed and updated; the patch's trajectory then does not replay without the mask.
 These are exploration runs on one seed, not the benchmark table: their test accuracies chose nothing.
 """
 
@@ -49,8 +52,27 @@ def _probe(bundle_dir: str, split: Path) -> None:
                               **row({n: o[0] @ w.T + bias for n, o in out.items()})}))
 
 
-def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], floor: bool = True) -> None:
+def _masked_directions(path: Path):
+    """A DirectionCache whose every z is multiplied, in place, by the 0/1 mask of its tensor (others untouched)."""
+    from zoedge.runtime.tensors import load_tensors
+    from zoedge.runtime.zo import DirectionCache
+
+    masks = load_tensors(path)
+
+    class Masked(DirectionCache):
+        def _directions(self, run_seed, step, i, out=None):
+            for name, z in super()._directions(run_seed, step, i, out):
+                if name in masks:
+                    z *= masks[name]
+                yield name, z
+
+    return Masked
+
+
+def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], floor: bool = True,
+           mask: Path | None = None) -> None:
     import zoedge.runtime.head_start as hs
+    import zoedge.runtime.setup as run_setup
     from zoedge.runtime.bundle import Bundle
     from zoedge.runtime.config import TrainConfig
     from zoedge.runtime.evaluate import predict
@@ -63,6 +85,8 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], 
         hs.choose_l2 = lambda *a, **k: (l2, {})
     if not floor:  # the head start as it was before the warm-start floor (commit 8a01430)
         hs.PROBE_WARM_START_STRENGTH = 0.0
+    if mask:
+        run_setup.DirectionCache = _masked_directions(mask)
     r = train(bundle_dir, split / "train.tsv", out, TrainConfig(**over), eval_path=split / "val.tsv",
               log=lambda _m: None)
     b = Bundle.open(bundle_dir)
@@ -70,7 +94,8 @@ def _train(bundle_dir: str, split: Path, out: Path, l2: float, sets: list[str], 
         b.encoder.template = r["prompt_template"]
     test = load_dataset(split / "test.tsv", b.manifest)
     acc = float((predict(b, load_patch_tensors(out, b.manifest), test.texts).argmax(1) == test.labels).mean())
-    print(json.dumps({"l2": l2, **over, "test_accuracy": round(acc, 4), "val_accuracy": r["eval_accuracy"],
+    print(json.dumps({"l2": l2, **over, **({"mask": str(mask)} if mask else {}), "test_accuracy": round(acc, 4),
+                      "val_accuracy": r["eval_accuracy"],
                       "val_accuracy_head_start": r["eval_accuracy_head_start"], "kept_step": r["steps"],
                       "kept_gain": r.get("kept_gain"),
                       "seconds": r["seconds"], "history": r["history"]}))
@@ -189,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--l2", type=float, default=0.0)
     t.add_argument("--set", dest="sets", action="append", default=[], help="TrainConfig field=JSON value")
     t.add_argument("--no-floor", action="store_true", help="no warm-start L2 floor for a plain probe")
+    t.add_argument("--mask", type=Path, help="0/1 tensors (bench/zo_mask.py): ZO moves only their kept entries")
     g = sub.add_parser("gate")
     g.add_argument("bundle")
     g.add_argument("splits", type=Path, nargs="+")
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "gate":
         _gate(a.bundle, a.splits)
     else:
-        _train(a.bundle, a.split, a.out, a.l2, a.sets, floor=not a.no_floor)
+        _train(a.bundle, a.split, a.out, a.l2, a.sets, floor=not a.no_floor, mask=a.mask)
     return 0
 
 

@@ -136,6 +136,37 @@ def test_kshot_explore_probe_and_train_on_a_toy_split(tmp_path, tiny_bert_bundle
         assert 0.0 <= r["test_accuracy_shifted"] <= 1.0 and 0.0 <= r["test_f1_shifted"] <= 1.0
 
 
+def test_zo_mask_keeps_a_fraction_and_explore_moves_only_its_entries(tmp_path, tiny_bert_bundle):
+    """bench.zo_mask writes 0/1 tensors keeping the top fraction of the LoRA Fisher; `kshot_explore train --mask`
+    then moves no entry outside them, and some inside (tiny-bert, a toy split)."""
+    import numpy as np
+
+    from zoedge.runtime.bundle import Bundle
+    from zoedge.runtime.patch import load_patch_tensors
+    from zoedge.runtime.tensors import load_tensors
+
+    split = tmp_path / "split"
+    split.mkdir()
+    for name, n, seed in (("train", 16, 0), ("val", 16, 1), ("test", 16, 2)):
+        write_sentiment(split / f"{name}.tsv", n, seed=seed)
+    masks_file = tmp_path / "mask.safetensors"
+    p = _python_m("bench.zo_mask", "tiny-bert", tiny_bert_bundle, split, masks_file, "--keep", "0.05")
+    assert p.returncode == 0, p.stderr[-2000:]
+    info = json.loads(p.stdout.splitlines()[-1])
+    masks = load_tensors(masks_file)
+    kept = int(sum(v.sum() for v in masks.values()))
+    assert kept == info["kept"] and abs(kept - 0.05 * info["entries"]) <= 0.01 * info["entries"]
+    assert set(np.unique(np.concatenate([v.ravel() for v in masks.values()]))) <= {0.0, 1.0}
+    p = _python_m("bench.kshot_explore", "train", tiny_bert_bundle, split, tmp_path / "p", "--mask", masks_file,
+                  "--set", "steps=4", "--set", "lr=1e-2", "--set", 'keep="last"')
+    assert p.returncode == 0, p.stderr[-2000:]
+    b = Bundle.open(tiny_bert_bundle)
+    start, trained = b.initial_trainables(), load_patch_tensors(tmp_path / "p", b.manifest)
+    moved = {k: trained[k] != start[k] for k in masks}
+    assert not any((moved[k] & (masks[k] == 0)).any() for k in masks)
+    assert any((moved[k] & (masks[k] == 1)).any() for k in masks)
+
+
 def test_speed_writes_agreement_and_roofline_rows(tmp_path, toy_sst2, tiny_bert_bundle):
     """`python -m bench.speed` on tiny-bert: fp32 and int8 bundles seeded into its cache, one timing round."""
     from bench.kshot_setup import bundle_key, export_args, model_spec

@@ -1,0 +1,140 @@
+"""A sensitivity mask for the ZO-moved tensors (issue 12's "fewer perturbed dimensions" lever), found with torch.
+
+  python -m bench.zo_mask MODEL BUNDLE_FP32 SPLIT_DIR OUT.safetensors [--keep 0.01] [--source train|generic]
+
+The mask keeps the `--keep` fraction of the LoRA entries with the largest empirical Fisher, the sum over examples
+of the squared per-example gradient of the cross-entropy (`--criterion grad`: the square of the summed gradient,
+the direction the training loss falls along), taken where ZO starts: the bundle's LoRA tensors and a
+head fitted first on the same examples (head only, AdamW, full batch, `--head-steps`; LoRA frozen), as zoedge's
+head start fits one (0 for a decoder, whose exported label-word head is already the zero-shot classifier).
+Written as float32 0/1 tensors under the trainables' names, for `python -m bench.kshot_explore train --mask`.
+
+`--source train` takes the examples from SPLIT_DIR/train.tsv: an *oracle* (a device has no torch to compute it),
+the upper bound of what a static mask can give on this split. `--source generic` takes the unlabelled pool
+(SPLIT_DIR/unlabelled.tsv) labelled by the exported head's own predictions, a stand-in for what an export-time mask
+could know without the device's labels. `--names REGEX` instead keeps every entry of the LoRA tensors whose name
+matches (a structural mask, no torch, no data). Exploration only: nothing here is the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def fisher(model: str, bundle_fp32: str, split: Path, source: str, limit: int, threads: int,
+           head_steps: int = 100, criterion: str = "fisher") -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from bench.sidebyside.contenders import torch_setup
+    from zoedge.runtime.evaluator import Dataset, load_dataset
+
+    module, params, bundle, train, _ = torch_setup(model, bundle_fp32, str(split / "train.tsv"),
+                                                  str(split / "val.tsv"), threads=threads)
+    m = bundle.manifest
+    roles = {t.name: t.role for t in m.trainables}
+    lora = {k: p for k, p in params.items() if roles[k] in ("lora_A", "lora_B")}
+    head = {k: p for k, p in params.items() if roles[k] == "head"}
+    data = train
+    module.eval()  # no dropout: the gradients of the model ZO sees
+    if source == "generic":
+        from zoedge.runtime.data import read_examples
+
+        texts = read_examples(split / "unlabelled.tsv", need_labels=False, limit=limit).texts
+        with torch.inference_mode():
+            pred = np.concatenate([module(*map(torch.from_numpy, bundle.encoder(texts[i:i + 16])))[0].argmax(-1)
+                                   .numpy() for i in range(0, len(texts), 16)])
+        data = Dataset(texts, pred.astype(np.int64))
+    else:
+        data = load_dataset(split / "train.tsv", m)
+    ids, mask = bundle.encoder(data.texts)
+    ids, mask, y = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(data.labels)
+    for p in lora.values():
+        p.requires_grad_(False)
+    for p in head.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(head.values()), lr=1e-2, weight_decay=1e-2)
+    for _ in range(head_steps):  # the head first: gradients at an untrained head are not where ZO starts
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(module(ids, mask)[0], y).backward()
+        opt.step()
+    for p in head.values():
+        p.requires_grad_(False)
+    for p in lora.values():
+        p.requires_grad_(True)
+    f = {k: torch.zeros_like(p) for k, p in lora.items()}
+    g = {k: torch.zeros_like(p) for k, p in lora.items()}
+    for i in range(len(y)):
+        module.zero_grad(set_to_none=True)
+        F.cross_entropy(module(ids[i:i + 1], mask[i:i + 1])[0], y[i:i + 1]).backward()
+        for k, p in lora.items():
+            if p.grad is not None:
+                f[k] += p.grad.detach() ** 2
+                g[k] += p.grad.detach()
+    return {k: (f[k] if criterion == "fisher" else g[k] ** 2).numpy() for k in lora}
+
+
+def top_mask(f: dict, keep: float) -> tuple[dict, dict]:
+    """0/1 float32 masks keeping the largest `keep` fraction of all entries together (ties broken by position)."""
+    import numpy as np
+
+    flat = np.concatenate([v.ravel() for v in f.values()])
+    n = max(1, int(round(keep * flat.size)))
+    cut = np.partition(flat, flat.size - n)[flat.size - n]
+    masks = {k: (v >= cut).astype(np.float32) for k, v in f.items()}
+    kept = int(sum(v.sum() for v in masks.values()))
+    share = float(flat[flat >= cut].sum() / flat.sum()) if flat.sum() > 0 else 0.0
+    return masks, {"entries": int(flat.size), "kept": kept, "score_share_kept": round(share, 4),
+                   "tensors_touched": sum(bool(v.any()) for v in masks.values())}
+
+
+def name_mask(bundle_dir: str, pattern: str) -> tuple[dict, dict]:
+    """All-ones for the LoRA tensors whose name matches `pattern`, zeros for the other LoRA tensors."""
+    import re
+
+    import numpy as np
+
+    from zoedge.runtime.bundle import Bundle
+
+    m = Bundle.open(bundle_dir).manifest
+    lora = [t for t in m.trainables if t.role in ("lora_A", "lora_B")]
+    masks = {t.name: np.full(t.shape, float(bool(re.search(pattern, t.name))), np.float32) for t in lora}
+    kept = int(sum(v.sum() for v in masks.values()))
+    return masks, {"entries": int(sum(v.size for v in masks.values())), "kept": kept,
+                   "tensors_touched": sum(bool(v.any()) for v in masks.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.zo_mask", description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("bundle_fp32")
+    ap.add_argument("split", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--keep", type=float, default=0.01)
+    ap.add_argument("--source", choices=("train", "generic"), default="train")
+    ap.add_argument("--limit", type=int, default=256, help="pool texts for --source generic")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--head-steps", type=int, default=100)
+    ap.add_argument("--criterion", choices=("fisher", "grad"), default="fisher")
+    ap.add_argument("--names", help="a structural mask instead: the LoRA tensors whose name matches this regex")
+    a = ap.parse_args(argv)
+    from safetensors.numpy import save_file
+
+    if a.names:
+        masks, info = name_mask(a.bundle_fp32, a.names)
+    else:
+        masks, info = top_mask(fisher(a.model, a.bundle_fp32, a.split, a.source, a.limit, a.threads,
+                                         a.head_steps, a.criterion), a.keep)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(masks, str(a.out))
+    print(json.dumps({"out": str(a.out), **({"names": a.names} if a.names else {"keep": a.keep, "source": a.source,
+                                                                 "criterion": a.criterion}),
+                      **info}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
