@@ -1,6 +1,6 @@
 """A sensitivity mask for the ZO-moved tensors (issue 12's "fewer perturbed dimensions" lever), found with torch.
 
-  python -m bench.zo_mask MODEL BUNDLE_FP32 SPLIT_DIR OUT.safetensors [--keep 0.01] [--source train|generic]
+  python -m bench.zo_mask MODEL BUNDLE_FP32 SPLIT_DIR OUT.safetensors [--keep 0.01] [--criterion fisher|grad]
 
 The mask keeps the `--keep` fraction of the LoRA entries with the largest empirical Fisher, the sum over examples
 of the squared per-example gradient of the cross-entropy (`--criterion grad`: the square of the summed gradient,
@@ -9,11 +9,10 @@ head fitted first on the same examples (head only, AdamW, full batch, `--head-st
 head start fits one (0 for a decoder, whose exported label-word head is already the zero-shot classifier).
 Written as float32 0/1 tensors under the trainables' names, for `python -m bench.kshot_explore train --mask`.
 
-`--source train` takes the examples from SPLIT_DIR/train.tsv: an *oracle* (a device has no torch to compute it),
-the upper bound of what a static mask can give on this split. `--source generic` takes the unlabelled pool
-(SPLIT_DIR/unlabelled.tsv) labelled by the exported head's own predictions, a stand-in for what an export-time mask
-could know without the device's labels. `--names REGEX` instead keeps every entry of the LoRA tensors whose name
-matches (a structural mask, no torch, no data). Exploration only: nothing here is the product.
+The examples are SPLIT_DIR/train.tsv: the mask is an *oracle* (a device has no torch to compute it, an export
+has not seen the device's data), the upper bound of what a static mask can give on this split. `--names REGEX`
+instead keeps every entry of the LoRA tensors whose name matches (a structural mask, no torch, no data).
+Exploration only: nothing here is the product.
 """
 
 from __future__ import annotations
@@ -23,14 +22,12 @@ import json
 from pathlib import Path
 
 
-def fisher(model: str, bundle_fp32: str, split: Path, source: str, limit: int, threads: int,
-           head_steps: int = 100, criterion: str = "fisher") -> dict:
-    import numpy as np
+def fisher(model: str, bundle_fp32: str, split: Path, threads: int, head_steps: int = 100,
+           criterion: str = "fisher") -> dict:
     import torch
     import torch.nn.functional as F
 
     from bench.sidebyside.contenders import torch_setup
-    from zoedge.runtime.evaluator import Dataset, load_dataset
 
     module, params, bundle, train, _ = torch_setup(model, bundle_fp32, str(split / "train.tsv"),
                                                   str(split / "val.tsv"), threads=threads)
@@ -38,20 +35,9 @@ def fisher(model: str, bundle_fp32: str, split: Path, source: str, limit: int, t
     roles = {t.name: t.role for t in m.trainables}
     lora = {k: p for k, p in params.items() if roles[k] in ("lora_A", "lora_B")}
     head = {k: p for k, p in params.items() if roles[k] == "head"}
-    data = train
     module.eval()  # no dropout: the gradients of the model ZO sees
-    if source == "generic":
-        from zoedge.runtime.data import read_examples
-
-        texts = read_examples(split / "unlabelled.tsv", need_labels=False, limit=limit).texts
-        with torch.inference_mode():
-            pred = np.concatenate([module(*map(torch.from_numpy, bundle.encoder(texts[i:i + 16])))[0].argmax(-1)
-                                   .numpy() for i in range(0, len(texts), 16)])
-        data = Dataset(texts, pred.astype(np.int64))
-    else:
-        data = load_dataset(split / "train.tsv", m)
-    ids, mask = bundle.encoder(data.texts)
-    ids, mask, y = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(data.labels)
+    ids, mask = bundle.encoder(train.texts)
+    ids, mask, y = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(train.labels)
     for p in lora.values():
         p.requires_grad_(False)
     for p in head.values():
@@ -78,7 +64,7 @@ def fisher(model: str, bundle_fp32: str, split: Path, source: str, limit: int, t
 
 
 def top_mask(f: dict, keep: float) -> tuple[dict, dict]:
-    """0/1 float32 masks keeping the largest `keep` fraction of all entries together (ties broken by position)."""
+    """0/1 float32 masks keeping the largest `keep` fraction of all entries together (ties at the cut all kept)."""
     import numpy as np
 
     flat = np.concatenate([v.ravel() for v in f.values()])
@@ -114,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("split", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--keep", type=float, default=0.01)
-    ap.add_argument("--source", choices=("train", "generic"), default="train")
-    ap.add_argument("--limit", type=int, default=256, help="pool texts for --source generic")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--head-steps", type=int, default=100)
     ap.add_argument("--criterion", choices=("fisher", "grad"), default="fisher")
@@ -126,13 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.names:
         masks, info = name_mask(a.bundle_fp32, a.names)
     else:
-        masks, info = top_mask(fisher(a.model, a.bundle_fp32, a.split, a.source, a.limit, a.threads,
-                                         a.head_steps, a.criterion), a.keep)
+        masks, info = top_mask(fisher(a.model, a.bundle_fp32, a.split, a.threads, a.head_steps, a.criterion),
+                               a.keep)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(masks, str(a.out))
-    print(json.dumps({"out": str(a.out), **({"names": a.names} if a.names else {"keep": a.keep, "source": a.source,
-                                                                 "criterion": a.criterion}),
-                      **info}))
+    how = {"names": a.names} if a.names else {"keep": a.keep, "criterion": a.criterion}
+    print(json.dumps({"out": str(a.out), **how, **info}))
     return 0
 
 
