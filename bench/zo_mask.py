@@ -21,6 +21,8 @@ import argparse
 import json
 from pathlib import Path
 
+LORA = ("lora_A", "lora_B")  # the roles a mask covers (zoedge.manifest.ROLES)
+
 
 def fisher(model: str, bundle_fp32: str, split: Path, threads: int, head_steps: int = 100,
            criterion: str = "fisher") -> dict:
@@ -33,7 +35,7 @@ def fisher(model: str, bundle_fp32: str, split: Path, threads: int, head_steps: 
                                                   str(split / "val.tsv"), threads=threads)
     m = bundle.manifest
     roles = {t.name: t.role for t in m.trainables}
-    lora = {k: p for k, p in params.items() if roles[k] in ("lora_A", "lora_B")}
+    lora = {k: p for k, p in params.items() if roles[k] in LORA}
     head = {k: p for k, p in params.items() if roles[k] == "head"}
     module.eval()  # no dropout: the gradients of the model ZO sees
     ids, mask = bundle.encoder(train.texts)
@@ -51,16 +53,14 @@ def fisher(model: str, bundle_fp32: str, split: Path, threads: int, head_steps: 
         p.requires_grad_(False)
     for p in lora.values():
         p.requires_grad_(True)
-    f = {k: torch.zeros_like(p) for k, p in lora.items()}
-    g = {k: torch.zeros_like(p) for k, p in lora.items()}
+    acc = {k: torch.zeros_like(p) for k, p in lora.items()}  # Σ g² (fisher) or Σ g (grad)
     for i in range(len(y)):
         module.zero_grad(set_to_none=True)
         F.cross_entropy(module(ids[i:i + 1], mask[i:i + 1])[0], y[i:i + 1]).backward()
         for k, p in lora.items():
             if p.grad is not None:
-                f[k] += p.grad.detach() ** 2
-                g[k] += p.grad.detach()
-    return {k: (f[k] if criterion == "fisher" else g[k] ** 2).numpy() for k in lora}
+                acc[k] += p.grad.detach() ** 2 if criterion == "fisher" else p.grad.detach()
+    return {k: (v if criterion == "fisher" else v ** 2).numpy() for k, v in acc.items()}
 
 
 def top_mask(f: dict, keep: float) -> tuple[dict, dict]:
@@ -86,7 +86,7 @@ def name_mask(bundle_dir: str, pattern: str) -> tuple[dict, dict]:
     from zoedge.runtime.bundle import Bundle
 
     m = Bundle.open(bundle_dir).manifest
-    lora = [t for t in m.trainables if t.role in ("lora_A", "lora_B")]
+    lora = [t for t in m.trainables if t.role in LORA]
     masks = {t.name: np.full(t.shape, float(bool(re.search(pattern, t.name))), np.float32) for t in lora}
     kept = int(sum(v.sum() for v in masks.values()))
     return masks, {"entries": int(sum(v.size for v in masks.values())), "kept": kept,
