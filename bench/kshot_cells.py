@@ -10,8 +10,9 @@ split paths, model, contender settings.
   regression shrunk towards zero) on the k-shot training split, its L2 chosen by cross-entropy on the validation
   split, through the exported prompt (no prompt search).
 - zoedge: `zoedge train BUNDLE --data train.tsv --eval val.tsv --unlabelled unlabelled.tsv --out P` (the default
-  recipe; keep-best selects on the k-shot validation split only; the unlabelled pool texts move the head's bias to
-  their estimated label prior at the end), then `zoedge eval BUNDLE --patch P --data test.tsv`.
+  recipe; keep-best selects on the k-shot validation split only; where the task's pool is like its test (not
+  SST-2), the unlabelled pool texts move the head's bias to their estimated label prior at the end), then
+  `zoedge eval BUNDLE --patch P --data test.tsv`.
 - backprop: PyTorch LoRA (the bundle's r, alpha, targets) + head through peft, AdamW (weight decay 0), linear
   schedule, from the exported tensors; validation every `eval_every` steps, the best on validation is tested.
 """

@@ -109,9 +109,9 @@ def bundle_identity(bundle_dir: str | Path) -> dict:
 
 def split_files(work: Path, task: datasets.Task, k: int, seed: int) -> dict[str, str]:
     """The k-shot split as TSV files (written when missing; they are a pure function of task, k, seed), with the
-    unlabelled pool texts the zoedge contender reads through --unlabelled."""
+    unlabelled pool texts the zoedge contender reads through --unlabelled (where the task's pool is like its test)."""
     d = work / "splits" / f"{task.name}-k{k}-s{seed}"
-    names = ("train", "val", "test", "unlabelled")
+    names = ("train", "val", "test") + (("unlabelled",) if task.pool_like_test else ())
     if not all((d / f"{n}.tsv").is_file() for n in names):
         datasets.write_split(d, datasets.kshot(task, k, seed))
     return {n: str(d / f"{n}.tsv") for n in names}

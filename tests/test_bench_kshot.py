@@ -4,6 +4,7 @@ The Drugs.com and BBC loaders read installed data packages (`make test` installs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,6 +56,10 @@ def test_sst2_loader_and_splits(tmp_path):
     assert len(ex) == 8 and set(ex.labels) == {"negative", "positive"}
     with pytest.raises(ZoedgeError, match="needs 200 examples per class"):
         datasets.kshot(task, 100, 13)
+    # SST-2's pool is GLUE's phrases, unlike its test sentences: no unlabelled texts (a pool like its test gives them)
+    assert not task.pool_like_test and datasets.kshot(task, 4, 13).unlabelled == []
+    split = datasets.kshot(dataclasses.replace(task, pool_like_test=True), 4, 13)
+    assert len(split.unlabelled) == 120 - 16 and not set(split.unlabelled) & {t for t, _ in split.train + split.val}
     with pytest.raises(ZoedgeError, match="train.tsv"):
         datasets.load_task("sst2", tmp_path / "nowhere")
 
@@ -112,12 +117,12 @@ def test_every_contender_writes_a_cell_and_the_table_assembles(tmp_path, tiny_be
         assert d["ok"] and d["cell"]["seed"] == 13 and d["cell"]["task"] == "sst2", contender
         assert 0 <= d["test_accuracy"] <= 1 and 0 <= d["val_accuracy"] <= 1, contender
         assert d["seconds"] > 0 and d["peak_rss_mb"] > 0 and d["forward_passes"] >= 1, contender
-        assert d["n"] == {"train": 8, "val": 8, "test": 30, "unlabelled": 104}, contender
+        assert d["n"] == {"train": 8, "val": 8, "test": 30}, contender  # SST-2 splits carry no unlabelled texts
         assert 0 <= d["test_f1"] <= 1, contender  # macro-F1 beside accuracy, backprop included
         assert d["run"]["torch_imported"] is contender.startswith("backprop"), contender
     z = json.loads((results / "tiny-bert" / "sst2-k4-s13-zoedge.json").read_text())
     assert 0 < z["train_peak_rss_mb"] <= z["peak_rss_mb"]  # training's own peak, before the test evaluation
-    assert z["detail"]["label_prior"]["unlabelled"] == 104  # the pool texts outside the split, through --unlabelled
+    assert z["detail"]["label_prior"] is None  # no --unlabelled without unlabelled texts
     again = _kshot(*run)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4, again.stdout
     p = _kshot("assemble", "--results", str(results), "--docs", str(tmp_path / "docs"))
