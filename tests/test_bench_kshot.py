@@ -88,6 +88,23 @@ def test_a_missing_data_package_is_one_clear_error(monkeypatch):
         datasets.bbc()
 
 
+def test_unlabelled_texts_are_a_uniform_sample_of_the_rest_of_the_pool():
+    # 500 positive, 250 negative, k = 50: positive fills its 100 after about 150 texts, negative after about 300, so
+    # every text skipped before the split is complete is positive; the rest of the pool is 400 / 150 (72.7% positive)
+    pool = [(f"pos {i}", "positive") for i in range(500)] + [(f"neg {i}", "negative") for i in range(250)]
+    task = datasets.Task("toy", ["negative", "positive"], pool, pool[:4])
+    split = datasets.kshot(task, 50, 13, unlabelled_cap=100)
+    assert len(split.unlabelled) == 100 == len(set(split.unlabelled))
+    assert not set(split.unlabelled) & {t for t, _ in split.train + split.val}
+    share = sum(t.startswith("pos") for t in split.unlabelled) / 100
+    # a sample of 100 from 550 at p = 0.727 has SE 0.040 (finite population); 0.15 is 3.7 SE, and the first 100
+    # texts the walk skipped (what the sampler took before this test) are 97% positive, 6 SE away
+    assert abs(share - 400 / 550) < 0.15, share
+    assert datasets.kshot(task, 50, 13, unlabelled_cap=100) == split
+    everything = datasets.kshot(task, 50, 13, unlabelled_cap=1000).unlabelled  # under the cap: all of the rest
+    assert len(everything) == 550 and set(split.unlabelled) <= set(everything)
+
+
 def test_bundle_cache_key_follows_the_export_arguments():
     from bench import kshot_setup as setup
 
