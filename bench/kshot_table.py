@@ -123,7 +123,8 @@ def markdown(rows: list[dict]) -> str:
                     f"{c[n]['forward_passes']['mean']:,.0f}")
 
         grid = c.get("backprop", {}).get("grid")
-        g = f"{len(grid['points'])} points, {grid['seconds_all_points']:.0f} s" if grid else "—"
+        n = len(grid["points"]) if grid else 0
+        g = f"{n} point{'s' * (n != 1)}, {grid['seconds_all_points']:.0f} s" if grid else "—"
         out.append(f"| {r['model']} | {r['task']} | {r['k']} | {cost('zero-shot')} | {cost('lp')} | {cost('zoedge')} | "
                    f"{cost('backprop')} | {g} |")
     grids = [(r, r["contenders"]["backprop"]["grid"]) for r in rows if r["contenders"].get("backprop", {}).get("grid")]
