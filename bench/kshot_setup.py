@@ -114,7 +114,7 @@ def split_files(work: Path, task: datasets.Task, k: int, seed: int) -> dict[str,
     names = ("train", "val", "test") + (("unlabelled",) if task.pool_like_test else ())
     if not all((d / f"{n}.tsv").is_file() for n in names):
         datasets.write_split(d, datasets.kshot(task, k, seed))
-    return {n: str(d / f"{n}.tsv") for n in names}
+    return {n: str(d / f"{n}.tsv") for n in names if (d / f"{n}.tsv").is_file()}  # a pool used up leaves no unlabelled
 
 
 def file_sha256(path: str | Path) -> str:
