@@ -7,6 +7,7 @@
   python -m bench.kshot_explore kept BUNDLE PATCH VAL_TSV      # a patch's paired gain over the exported tensors on val
   python -m bench.kshot_explore mix BUNDLE PATCH TEST_TSV      # predicted class counts: exported tensors vs the patch
   python -m bench.kshot_explore prior BUNDLE PATCH|lp SPLIT_DIR   # --unlabelled's bias shift on a patch (or on LP)
+  python -m bench.kshot_explore unlabelled TASK K SEED [--sst2 DIR] [--rev GIT_REV]  # label mix of the unlabelled texts
 
 SPLIT_DIR holds train.tsv / val.tsv / test.tsv (as `python -m bench.kshot run` writes them under out/kshot/splits).
 `train` runs `zoedge train`'s Python API with the trainer's head-start L2 fixed to --l2 (0: the recipe's own choice)
@@ -201,6 +202,42 @@ def _prior(bundle_dir: str, patch: Path, split: Path) -> None:
                       "label_prior": record}))
 
 
+def _unlabelled(task_name: str, k: int, seed: int, sst2: str | None, rev: str | None) -> None:
+    """The label mix of a k-shot split's unlabelled texts (read back from the pool's labels) against the rest of the
+    pool, the pool and the test set, by `datasets.kshot` as it is or as it was at git revision `rev`; computed for
+    every task, including those whose splits carry none (SST-2)."""
+    import dataclasses
+    import subprocess
+    import sys
+    import types
+    from collections import Counter
+
+    from bench import REPO
+    from zoedge import datasets
+
+    if rev:  # the module as it was, loaded under its own name (dataclasses look their module up in sys.modules)
+        src = subprocess.run(["git", "show", f"{rev}:zoedge/datasets.py"], capture_output=True, text=True, check=True,
+                             cwd=REPO).stdout
+        datasets = types.ModuleType(f"datasets_at_{rev}")
+        sys.modules[datasets.__name__] = datasets
+        exec(compile(src, f"{rev}:zoedge/datasets.py", "exec"), datasets.__dict__)
+    task = datasets.load_task(task_name, sst2)
+    if hasattr(task, "pool_like_test"):
+        task = dataclasses.replace(task, pool_like_test=True)
+    split = datasets.kshot(task, k, seed)
+    label = dict(task.pool)
+    taken = {t for t, _ in split.train + split.val}
+
+    def mix(labels: list[str]) -> dict:
+        c = Counter(labels)
+        return {name: round(c[name] / max(len(labels), 1), 4) for name in task.labels}
+
+    print(json.dumps({"task": task_name, "k": k, "seed": seed, "rev": rev, "unlabelled": len(split.unlabelled),
+                      "unlabelled_mix": mix([label[t] for t in split.unlabelled]),
+                      "rest_of_pool_mix": mix([lb for t, lb in dict(task.pool).items() if t not in taken]),
+                      "pool_mix": mix([lb for _, lb in task.pool]), "test_mix": mix([lb for _, lb in split.test])}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.kshot_explore", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -230,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("bundle")
     r.add_argument("patch", type=Path, help="a patch directory, or lp")
     r.add_argument("split", type=Path)
+    u = sub.add_parser("unlabelled")
+    u.add_argument("task")
+    u.add_argument("k", type=int)
+    u.add_argument("seed", type=int)
+    u.add_argument("--sst2", help="the SST-2 data directory (task sst2)")
+    u.add_argument("--rev", help="use zoedge/datasets.py as it was at this git revision")
     a = ap.parse_args(argv)
     if a.cmd == "kept":
         _kept(a.bundle, a.patch, a.val)
@@ -241,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         _probe(a.bundle, a.split)
     elif a.cmd == "gate":
         _gate(a.bundle, a.splits)
+    elif a.cmd == "unlabelled":
+        _unlabelled(a.task, a.k, a.seed, a.sst2, a.rev)
     else:
         _train(a.bundle, a.split, a.out, a.l2, a.sets, floor=not a.no_floor, mask=a.mask)
     return 0

@@ -105,6 +105,17 @@ def test_unlabelled_texts_are_a_uniform_sample_of_the_rest_of_the_pool():
     assert len(everything) == 550 and set(split.unlabelled) <= set(everything)
 
 
+def test_kshot_explore_reports_the_unlabelled_label_mix_now_and_at_a_git_revision(tmp_path, capsys):
+    from bench import kshot_explore
+
+    sst2 = str(_fake_sst2(tmp_path / "sst2"))
+    for rev in ([], ["--rev", "HEAD"]):  # HEAD's datasets.py, loaded from git as the old rule was measured
+        assert kshot_explore.main(["unlabelled", "sst2", "4", "13", "--sst2", sst2, *rev]) == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["unlabelled"] == 120 - 16  # every pool text outside train and validation (under the cap)
+        assert r["unlabelled_mix"] == r["rest_of_pool_mix"] and abs(sum(r["pool_mix"].values()) - 1) < 1e-3
+
+
 def test_bundle_cache_key_follows_the_export_arguments():
     from bench import kshot_setup as setup
 
